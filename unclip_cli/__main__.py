@@ -1,0 +1,3 @@
+from unclip_cli.cli import main
+
+main()
