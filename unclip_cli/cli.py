@@ -1,0 +1,535 @@
+"""Typer commands only: parse options, call a stage, hand results to io."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from unclip_cli.errors import UserError
+
+
+class _Group(TyperGroup):
+    """Turns a UserError anywhere below into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"unclip: error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            click.echo("unclip: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    help="unCLIP (DALL-E 2) as Unix-style stages: encode-text | prior | decode | upsample | upsample.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(cls=_Group, help="Create and inspect model sets.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+# ---------------------------------------------------------------------- shared options
+
+ModelOpt = Annotated[
+    Optional[str], typer.Option("--model", "-m", help="Model-set folder (default: $UNCLIP_MODEL, else the shipped set).")
+]
+OutputOpt = Annotated[
+    Optional[str], typer.Option("--output", "-o", help="Output file ('-' or omitted with a pipe: stdout).")
+]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="torch device (default: $UNCLIP_DEVICE, else cuda if available, else cpu).")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed (default: a fresh one, recorded in the output).")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (default: the model set's).")]
+GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", "-g", help="Classifier-free guidance scale (default: the model set's).")]
+
+
+def _device(option: str | None):
+    import torch
+
+    name = option or os.environ.get("UNCLIP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is available")
+    return device
+
+
+def _generator(seed: int | None):
+    """One CPU generator per run: the same seed gives the same noise on any device."""
+    import torch
+
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    if seed < 0:
+        raise UserError("--seed must be >= 0")
+    return torch.Generator("cpu").manual_seed(seed), seed
+
+
+def _positive(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise UserError(f"{name} must be >= {minimum}")
+
+
+@contextlib.contextmanager
+def _progress(label: str, quiet: bool) -> Iterator:
+    """A rich progress bar on stderr; yields a sampler callback(i, n)."""
+    if quiet:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def callback(i: int, n: int) -> None:
+            bar.update(task, completed=i + 1, total=n)
+
+        yield callback
+
+
+def _open(model: str | None):
+    from unclip_cli.modelset import ModelSet
+
+    return ModelSet.open(model)
+
+
+def _null_text(ms, device):
+    """The empty prompt's conditioning (the unconditional branch of guidance)."""
+    from unclip_cli.stages.conditioning import TextCond
+
+    clip = ms.load("clip", device)
+    return TextCond(*clip.encode_text([""]))
+
+
+def _stage_meta(ms, **extra) -> dict[str, str]:
+    meta = {"clip": ms.clip_identity, "clip_dim": str(ms.clip_dim), "model": ms.name}
+    for k, v in extra.items():
+        if v is not None:
+            meta[k] = v if isinstance(v, str) else json.dumps(v)
+    return meta
+
+
+def _read_prompts(prompts: list[str] | None) -> list[str]:
+    if prompts:
+        return list(prompts)
+    if sys.stdin.isatty():
+        raise UserError("no prompt given: pass PROMPT arguments or pipe lines into stdin")
+    lines = [ln.strip() for ln in sys.stdin.read().splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise UserError("empty stdin: expected one prompt per line")
+    return lines
+
+
+# ---------------------------------------------------------------------- stages
+
+
+@app.command("encode-text")
+def encode_text(
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts (default: one per line on stdin).")] = None,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Encode prompts with CLIP into a text conditioning file."""
+    from unclip_cli.io import StageFile, stdout_target, write_stage
+    from unclip_cli.stages.conditioning import TextCond
+
+    texts = _read_prompts(prompts)
+    target = stdout_target(output)
+    ms = _open(model)
+    clip = ms.load("clip", _device(device))
+    cond = TextCond(*clip.encode_text(texts))
+    write_stage(StageFile("text", cond.tensors(), _stage_meta(ms, prompts=texts)), target)
+
+
+@app.command("encode-image")
+def encode_image(
+    images: Annotated[Optional[list[str]], typer.Argument(help="Image files (default: PNG(s) on stdin).")] = None,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Encode images with CLIP into an image-embedding file."""
+    from unclip_cli.io import StageFile, read_images, stdout_target, write_stage
+
+    items = read_images(images)
+    target = stdout_target(output)
+    ms = _open(model)
+    clip = ms.load("clip", _device(device))
+    embed = clip.encode_image([img for img, _ in items])
+    meta = _stage_meta(ms, images=[name for _, name in items])
+    write_stage(StageFile("image", {"image_embed": embed}, meta), target)
+
+
+@app.command("prior")
+def prior(
+    source: Annotated[Optional[str], typer.Argument(help="Text conditioning file, or '-' for stdin.")] = None,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the diffusion prior: text conditioning -> CLIP image embedding (text carried along)."""
+    from unclip_cli.io import StageFile, read_stage, stdout_target, write_stage
+    from unclip_cli.stages.conditioning import TextCond
+    from unclip_cli.stages.prior import run_prior
+
+    _positive("--steps", steps, 2)
+    stage = read_stage(source, "a text conditioning file (from encode-text)")
+    if stage.kind != "text":
+        raise UserError(f"prior reads text conditioning (from encode-text), got a {stage.kind} file")
+    target = stdout_target(output)
+    ms = _open(model)
+    cond = TextCond.from_tensors(stage.tensors)
+    if cond is None:
+        raise UserError("text conditioning file lacks text_hidden / text_mask")
+    ms.check_clip(stage.clip, cond.embed.shape[-1], source or "<stdin>")
+    dev = _device(device)
+    settings = ms.sampling("prior")
+    steps = steps or settings["steps"]
+    guidance = settings["guidance"] if guidance is None else guidance
+    net = ms.load("prior", dev)
+    gen, seed = _generator(seed)
+    with _progress("prior", quiet) as cb:
+        embed = run_prior(net, cond, _null_text(ms, dev), steps=steps, guidance=guidance, generator=gen, callback=cb)
+    meta = dict(stage.meta)
+    meta.update(_stage_meta(ms, seed=seed, prior_steps=steps, prior_guidance=guidance))
+    write_stage(StageFile("image", {"image_embed": embed, **cond.tensors()}, meta), target)
+
+
+@app.command("decode")
+def decode(
+    source: Annotated[Optional[str], typer.Argument(help="Image-embedding file (.safetensors or .npy), or '-'.")] = None,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    seed: SeedOpt = None,
+    eta: Annotated[Optional[float], typer.Option(help="Use DDIM with this eta instead of the ancestral sampler.")] = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Decode image embeddings into 64x64 images (PNG; a batch gives out-0.png, out-1.png...)."""
+    from unclip_cli.io import read_stage, stdout_target, tensor_to_images, write_images
+    from unclip_cli.stages.conditioning import TextCond
+    from unclip_cli.stages.decode import run_decoder
+
+    _positive("--steps", steps, 2)
+    if eta is not None and eta < 0:
+        raise UserError("--eta must be >= 0")
+    stage = read_stage(source, "an image-embedding file")
+    if stage.kind == "text":
+        raise UserError("decode reads image embeddings: run `unclip prior` on text conditioning first")
+    target = stdout_target(output)
+    ms = _open(model)
+    embed = stage.tensors["image_embed"].float()
+    ms.check_clip(stage.clip, embed.shape[-1], source or "<stdin>")
+    dev = _device(device)
+    null = _null_text(ms, dev)
+    cond = TextCond.from_tensors(stage.tensors) or null.expand(embed.shape[0])
+    settings = ms.sampling("decoder")
+    steps = steps or settings["steps"]
+    guidance = settings["guidance"] if guidance is None else guidance
+    net = ms.load("decoder", dev)
+    gen, seed = _generator(seed)
+    with _progress("decoder", quiet) as cb:
+        images = run_decoder(
+            net, embed, cond, null, steps=steps, guidance=guidance, generator=gen, eta=eta, callback=cb
+        )
+    write_images(tensor_to_images(images), target)
+
+
+@app.command("upsample")
+def upsample(
+    source: Annotated[Optional[str], typer.Argument(help="A 64px or 256px image (PNG), or '-'.")] = None,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    steps: StepsOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Upsample 64px -> 256px or 256px -> 1024px (chosen by the input size)."""
+    from unclip_cli.io import images_to_tensor, read_images, stdout_target, tensor_to_images, write_images
+    from unclip_cli.stages.upsample import run_upsampler
+
+    _positive("--steps", steps, 2)
+    items = read_images([source] if source else None, "a 64px or 256px PNG")
+    target = stdout_target(output)
+    sizes = {img.size for img, _ in items}
+    if len(sizes) != 1:
+        raise UserError(f"images of different sizes {sorted(sizes)}: upsample one size at a time")
+    (w, h), = sizes
+    ms = _open(model)
+    component = {64: "upsampler-256", 256: "upsampler-1024"}.get(w) if w == h else None
+    if component is None:
+        raise UserError(f"{items[0][1]}: a {w}x{h} image; upsample takes 64x64 (to 256) or 256x256 (to 1024)")
+    dev = _device(device)
+    net = ms.load(component, dev)
+    if net.cfg.low_res != w:
+        raise UserError(f"{component} of {ms.name!r} takes {net.cfg.low_res}px input, got {w}px")
+    steps = steps or ms.sampling(component)["steps"]
+    gen, seed = _generator(seed)
+    with _progress(component, quiet) as cb:
+        images = run_upsampler(net, images_to_tensor([img for img, _ in items]), steps=steps, generator=gen, callback=cb)
+    write_images(tensor_to_images(images), target)
+
+
+@app.command("slerp")
+def slerp_cmd(
+    a: Annotated[str, typer.Argument(help="First image-embedding file (.safetensors or .npy).")],
+    b: Annotated[str, typer.Argument(help="Second image-embedding file.")],
+    t: Annotated[float, typer.Option("-t", help="Position on the arc: 0 gives A, 1 gives B.")] = 0.5,
+    output: OutputOpt = None,
+) -> None:
+    """Spherical interpolation between two image embeddings."""
+    from unclip_cli.io import StageFile, read_stage, stdout_target, write_stage
+    from unclip_cli.stages.interpolate import slerp
+
+    if a == "-" and b == "-":
+        raise UserError("only one of A and B can be stdin")
+    sa, sb = read_stage(a, "an image-embedding file"), read_stage(b, "an image-embedding file")
+    for s, name in ((sa, a), (sb, b)):
+        if s.kind == "text":
+            raise UserError(f"{name}: text conditioning; slerp takes image embeddings (run `unclip prior` first)")
+    ea, eb = sa.tensors["image_embed"].float(), sb.tensors["image_embed"].float()
+    if ea.shape[-1] != eb.shape[-1]:
+        raise UserError(f"embedding dimensions differ: {ea.shape[-1]} vs {eb.shape[-1]}")
+    if sa.clip and sb.clip and sa.clip != sb.clip:
+        raise UserError(f"{a} and {b} were made with different CLIPs ({sa.clip} vs {sb.clip})")
+    if ea.shape[0] != eb.shape[0] and 1 not in (ea.shape[0], eb.shape[0]):
+        raise UserError(f"batch sizes differ: {ea.shape[0]} vs {eb.shape[0]}")
+    target = stdout_target(output)
+    meta = {k: v for k, v in (sa.meta or sb.meta).items() if k in ("clip", "clip_dim", "model")}
+    meta["slerp"] = json.dumps({"a": a, "b": b, "t": t})
+    write_stage(StageFile("image", {"image_embed": slerp(ea, eb, t)}, meta), target)
+
+
+def _embedding_of(source: str, ms, dev):
+    """An image file -> its CLIP embedding; an embedding file -> its embedding (checked against the set)."""
+    from unclip_cli.io import NPY_MAGIC, PNG_MAGIC, read_images, read_input, read_stage
+
+    data, _ = read_input(source, "an image or embedding file")
+    is_image = data.startswith(PNG_MAGIC) or data[:3] == b"\xff\xd8\xff" or data[:4] in (b"GIF8", b"RIFF", b"BM\x00\x00")
+    if not is_image and not data.startswith(NPY_MAGIC):
+        try:
+            stage = read_stage(source)
+        except UserError:
+            is_image = True  # let the image reader report what it is
+        else:
+            if stage.kind == "text":
+                raise UserError(f"{source}: text conditioning; interpolate takes images or image embeddings")
+            emb = stage.tensors["image_embed"].float()
+            ms.check_clip(stage.clip, emb.shape[-1], source)
+            return emb[:1]
+    if is_image:
+        (img, _), *_ = read_images([source])
+        return ms.load("clip", dev).encode_image([img]).cpu()
+    stage = read_stage(source)
+    emb = stage.tensors["image_embed"].float()
+    ms.check_clip(None, emb.shape[-1], source)
+    return emb[:1]
+
+
+@app.command("interpolate")
+def interpolate(
+    a: Annotated[str, typer.Argument(help="First image or image-embedding file.")],
+    b: Annotated[str, typer.Argument(help="Second image or image-embedding file.")],
+    frames: Annotated[int, typer.Option("-n", "--frames", help="Number of frames, endpoints included.")] = 5,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    seed: SeedOpt = None,
+    eta: Annotated[float, typer.Option(help="DDIM eta (0: only the embedding changes across frames).")] = 0.0,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Decode N frames along the slerp from A to B, with the same noise for every frame.
+
+    -o strip.png: frames side by side; -o anim.gif: an animation; -o DIR/: DIR/frame-000.png...
+    """
+    import torch
+
+    from unclip_cli.diffusion.samplers import draw_noise
+    from unclip_cli.io import emit, png_bytes, stdout_target, tensor_to_images
+    from unclip_cli.stages.decode import run_decoder
+    from unclip_cli.stages.interpolate import slerp
+
+    if frames < 2:
+        raise UserError("-n must be >= 2")
+    _positive("--steps", steps, 2)
+    if eta < 0:
+        raise UserError("--eta must be >= 0")
+    kind = _frames_kind(output)
+    target = stdout_target(output) if kind == "strip" else output
+    ms = _open(model)
+    dev = _device(device)
+    ea, eb = _embedding_of(a, ms, dev), _embedding_of(b, ms, dev)
+    ts = [i / (frames - 1) for i in range(frames)]
+    embeds = torch.cat([slerp(ea, eb, t) for t in ts])  # (N, D)
+    null = _null_text(ms, dev)
+    settings = ms.sampling("decoder")
+    net = ms.load("decoder", dev)
+    gen, seed = _generator(seed)
+    size = net.cfg.unet.sample_size
+    x_T = draw_noise((1, net.cfg.unet.in_channels, size, size), gen, dev).expand(frames, -1, -1, -1)
+    with _progress("interpolate", quiet) as cb:
+        images = run_decoder(
+            net, embeds, null.expand(frames), null, steps=steps or settings["steps"],
+            guidance=settings["guidance"] if guidance is None else guidance, generator=gen, eta=eta, x_T=x_T, callback=cb,
+        )
+    pil = tensor_to_images(images)
+    _write_frames(pil, target, kind, emit, png_bytes)
+
+
+def _frames_kind(output: str | None) -> str:
+    if output and (output.endswith("/") or Path(output).is_dir()):
+        return "dir"
+    if output and output.lower().endswith(".gif"):
+        return "gif"
+    if output and not output.lower().endswith(".png") and output != "-":
+        raise UserError(f"{output}: -o takes a .png (strip), a .gif, or a folder ending in /")
+    return "strip"
+
+
+def _write_frames(pil, target, kind, emit, png_bytes) -> None:
+    import io as _io
+
+    from PIL import Image
+
+    if kind == "dir":
+        folder = Path(target)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(pil):
+            emit(png_bytes(img), str(folder / f"frame-{i:03d}.png"))
+    elif kind == "gif":
+        buf = _io.BytesIO()
+        pil[0].save(buf, format="GIF", save_all=True, append_images=pil[1:], duration=200, loop=0)
+        emit(buf.getvalue(), target)
+    else:
+        w, h = pil[0].size
+        strip = Image.new("RGB", (w * len(pil), h))
+        for i, img in enumerate(pil):
+            strip.paste(img, (i * w, 0))
+        emit(png_bytes(strip), target)
+
+
+@app.command("generate")
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="Prompt(s); several give out-0.png, out-1.png...")],
+    size: Annotated[int, typer.Option("--size", help="Output size: 64, 256 or 1024.")] = 256,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    seed: SeedOpt = None,
+    prior_steps: Annotated[Optional[int], typer.Option(help="Prior steps (default: the model set's).")] = None,
+    prior_guidance: Annotated[Optional[float], typer.Option(help="Prior guidance scale.")] = None,
+    decoder_steps: Annotated[Optional[int], typer.Option(help="Decoder steps.")] = None,
+    decoder_guidance: Annotated[Optional[float], typer.Option(help="Decoder guidance scale.")] = None,
+    upsampler_steps: Annotated[Optional[int], typer.Option(help="Steps of each upsampler.")] = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Prompt -> image through every stage, with one random generator (as diffusers' UnCLIPPipeline)."""
+    from unclip_cli.io import stdout_target, tensor_to_images, write_images
+    from unclip_cli.stages.conditioning import TextCond
+    from unclip_cli.stages.decode import run_decoder
+    from unclip_cli.stages.prior import run_prior
+    from unclip_cli.stages.upsample import run_upsampler
+
+    if size not in (64, 256, 1024):
+        raise UserError("--size must be 64, 256 or 1024")
+    for name, v in (("--prior-steps", prior_steps), ("--decoder-steps", decoder_steps), ("--upsampler-steps", upsampler_steps)):
+        _positive(name, v, 2)
+    if not prompts:
+        raise UserError("no prompt given")
+    target = stdout_target(output)
+    ms = _open(model)
+    needed = ["clip", "prior", "decoder"] + ["upsampler-256"] * (size >= 256) + ["upsampler-1024"] * (size == 1024)
+    for component in needed:
+        ms.require(component)
+    dev = _device(device)
+    p_set, d_set = ms.sampling("prior"), ms.sampling("decoder")
+    pg = p_set["guidance"] if prior_guidance is None else prior_guidance
+    dg = d_set["guidance"] if decoder_guidance is None else decoder_guidance
+    clip = ms.load("clip", dev)
+    cond = TextCond(*clip.encode_text(list(prompts)))
+    null = TextCond(*clip.encode_text([""]))
+    gen, seed = _generator(seed)
+    guided = pg > 1.0 or dg > 1.0  # diffusers guides both stages when either scale is > 1
+    with _progress("prior", quiet) as cb:
+        embed = run_prior(
+            ms.load("prior", dev), cond, null, steps=prior_steps or p_set["steps"], guidance=pg,
+            generator=gen, guided=guided, callback=cb,
+        )
+    with _progress("decoder", quiet) as cb:
+        image = run_decoder(
+            ms.load("decoder", dev), embed, cond, null, steps=decoder_steps or d_set["steps"], guidance=dg,
+            generator=gen, guided=guided, callback=cb,
+        )
+    for component in needed[3:]:
+        with _progress(component, quiet) as cb:
+            image = run_upsampler(
+                ms.load(component, dev), image, steps=upsampler_steps or ms.sampling(component)["steps"],
+                generator=gen, callback=cb,
+            )
+    write_images(tensor_to_images(image), target)
+
+
+@app.command("info")
+def info(path: Annotated[str, typer.Argument(help="A stage file, .npy, image, or model-set folder.")]) -> None:
+    """Print a human-readable summary of a stage file or model set."""
+    from unclip_cli.info import describe
+
+    for line in describe(path):
+        typer.echo(line)
+
+
+# ---------------------------------------------------------------------- model sets
+
+
+@model_app.command("init")
+def model_init(
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder to create.")],
+    preset: Annotated[str, typer.Option(help="Named preset (tiny).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Initialization seed.")] = 0,
+    name: Annotated[Optional[str], typer.Option(help="Model-set name (default: PRESET-random).")] = None,
+) -> None:
+    """Write a randomly initialized model set from a preset (training starts from it; tests use it)."""
+    from unclip_cli.modelset import init_model_set
+
+    init_model_set(Path(output), preset, seed=seed, name=name)
+    typer.echo(f"wrote {preset} model set to {output}", err=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

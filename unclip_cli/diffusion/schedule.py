@@ -1,0 +1,218 @@
+"""Gaussian diffusion maths: the cosine schedule, respacing, q(x_t | x_0) and the reverse steps.
+
+A plain object built from betas, after openai/glide-text2im `gaussian_diffusion.py`, with the
+papers' names. The ancestral step reproduces diffusers' `UnCLIPScheduler.step` (Karlo's sampler)
+bit for bit: the same float32 operations on 0-d tensors, in the same order. Timesteps are integers
+of the training chain; `-1` stands for "the clean sample" (alpha_bar = 1) after the last step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from unclip_cli.models.configs import DiffusionConfig
+
+PREDICTIONS = ("eps", "x0")
+VARIANCES = ("fixed_small_log", "learned_range")
+
+
+def cosine_betas(num_timesteps: int = 1000, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas of the cosine schedule, beta_i = min(1 - abar((i+1)/T) / abar(i/T), max_beta) (Nichol & Dhariwal 2021, eq. 17)."""
+
+    def alpha_bar(s: float) -> float:
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = []
+    for i in range(num_timesteps):
+        ratio = alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps)
+        betas.append(min(1 - ratio, max_beta))  # python float64 maths, stored as float32 below
+    return torch.tensor(betas, dtype=torch.float32)  # (T,)
+
+
+def respaced_timesteps(num_steps: int, num_timesteps: int = 1000) -> list[int]:
+    """Evenly spaced sampling timesteps, descending: round(i * (T-1)/(N-1)) with half-to-even rounding (Karlo's respacing)."""
+    if not 2 <= num_steps <= num_timesteps:
+        raise ValueError(f"number of sampling steps must be between 2 and {num_timesteps}, got {num_steps}")
+    ratio = (num_timesteps - 1) / (num_steps - 1)
+    return [round(i * ratio) for i in range(num_steps)][::-1]  # python round() is half-to-even, like numpy
+
+
+class GaussianDiffusion:
+    """The diffusion chain of one model: schedule tensors plus the q / p maths of Ho et al. 2020."""
+
+    def __init__(self, betas: torch.Tensor, config: DiffusionConfig):
+        if betas.ndim != 1 or betas.shape[0] != config.num_timesteps:
+            raise ValueError(f"expected {config.num_timesteps} betas, got shape {tuple(betas.shape)}")
+        if config.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {config.prediction!r}")
+        if config.variance not in VARIANCES:
+            raise ValueError(f"variance must be one of {VARIANCES}, got {config.variance!r}")
+        self.config = config
+        self.num_timesteps = config.num_timesteps
+        self.betas = betas.detach().to("cpu", torch.float32)  # (T,)
+        self.alphas = 1.0 - self.betas  # (T,)
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) alpha_bar_t
+        self._one = torch.tensor(1.0)  # alpha_bar of the clean sample (t = -1)
+
+    @classmethod
+    def from_config(cls, config: DiffusionConfig) -> "GaussianDiffusion":
+        """Build the chain a config describes (only the cosine schedule exists)."""
+        if config.schedule != "cosine":
+            raise ValueError(f"unknown noise schedule {config.schedule!r} (only 'cosine' is supported)")
+        return cls(cosine_betas(config.num_timesteps), config)
+
+    # ---- schedule lookups -------------------------------------------------------------------
+
+    def alpha_bar(self, t: int) -> torch.Tensor:
+        """alpha_bar_t as a 0-d float32 tensor; 1 for t = -1 (the clean sample)."""
+        t = int(t)
+        if t < -1 or t >= self.num_timesteps:
+            raise ValueError(f"timestep {t} outside [-1, {self.num_timesteps - 1}]")
+        return self.alphas_cumprod[t] if t >= 0 else self._one
+
+    def step_beta(self, t: int, t_prev: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(beta, alpha) of the respaced step t -> t_prev: beta = 1 - abar_t / abar_prev (Nichol & Dhariwal 2021, sec. 4)."""
+        t, t_prev = int(t), int(t_prev)
+        if t_prev == t - 1:  # an unskipped step keeps the stored beta_t (as Karlo / diffusers do)
+            return self.betas[t], self.alphas[t]
+        beta = 1 - self.alpha_bar(t) / self.alpha_bar(t_prev)
+        return beta, 1 - beta
+
+    def posterior_variance(self, t: int, t_prev: int) -> torch.Tensor:
+        """Variance of q(x_{t_prev} | x_t, x_0): (1 - abar_prev) / (1 - abar_t) * beta (Ho et al. 2020, eq. 7)."""
+        beta, _ = self.step_beta(t, t_prev)
+        return (1 - self.alpha_bar(t_prev)) / (1 - self.alpha_bar(t)) * beta
+
+    def posterior_log_variance_clipped(self, t: int, t_prev: int) -> torch.Tensor:
+        """log of the posterior variance, clamped at 1e-20 (the "fixed_small_log" variance of Karlo)."""
+        return torch.log(torch.clamp(self.posterior_variance(t, t_prev), min=1e-20))
+
+    # ---- forward process --------------------------------------------------------------------
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Ho et al. 2020, eq. 4)."""
+        abar = self.alphas_cumprod.to(x0.device)[t.to(x0.device).long()]  # (B,)
+        shape = (-1,) + (1,) * (x0.ndim - 1)  # broadcast over trailing dims, e.g. (B, 1, 1, 1)
+        sqrt_abar = (abar**0.5).reshape(shape).to(x0.dtype)
+        sqrt_one_minus_abar = ((1 - abar) ** 0.5).reshape(shape).to(x0.dtype)
+        return sqrt_abar * x0 + sqrt_one_minus_abar * noise
+
+    # ---- reverse process --------------------------------------------------------------------
+
+    def split_output(self, model_output: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Split a learned-variance output (B, 2C, ...) into (eps or x0, v); v is None for fixed variances (Nichol & Dhariwal 2021)."""
+        if self.config.variance != "learned_range":
+            return model_output, None
+        channels = x_t.shape[1]
+        if model_output.shape[1] != 2 * channels:
+            raise ValueError(
+                f"learned-variance model must output {2 * channels} channels on dim 1, got {model_output.shape[1]}"
+            )
+        mean_output, v = torch.split(model_output, channels, dim=1)  # (B, C, ...) each
+        return mean_output, v
+
+    def predict_x0(self, x_t: torch.Tensor, t: int, model_output: torch.Tensor) -> torch.Tensor:
+        """x_0 from the network output: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Ho et al. 2020, eq. 15), clamped to +-clip_range."""
+        if model_output.shape[1] != x_t.shape[1]:  # a learned-variance output: drop its v channels
+            model_output, _ = self.split_output(model_output, x_t)
+        if self.config.prediction == "eps":
+            abar_t = self.alpha_bar(t)
+            x0 = (x_t - (1 - abar_t) ** 0.5 * model_output) / abar_t**0.5
+        else:
+            x0 = model_output
+        if self.config.clip_range is not None:
+            x0 = torch.clamp(x0, -self.config.clip_range, self.config.clip_range)
+        return x0
+
+    def predict_eps_from_x0(self, x_t: torch.Tensor, t: int, x0: torch.Tensor) -> torch.Tensor:
+        """The noise implied by x_t and x_0: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t) (Ho et al. 2020, eq. 4 inverted)."""
+        abar_t = self.alpha_bar(t)
+        return (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
+
+    def q_posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
+        """Mean of q(x_{t_prev} | x_t, x_0) for a respaced step (Ho et al. 2020, eq. 7)."""
+        abar_t, abar_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        beta, alpha = self.step_beta(t, t_prev)
+        coef_x0 = (abar_prev**0.5 * beta) / (1 - abar_t)
+        coef_xt = alpha**0.5 * (1 - abar_prev) / (1 - abar_t)
+        return coef_x0 * x0 + coef_xt * x_t
+
+    def p_log_variance(self, t: int, t_prev: int, v: torch.Tensor | None = None) -> torch.Tensor:
+        """log-variance of p(x_{t_prev} | x_t): clipped posterior, or learned interpolation to log beta with (v+1)/2 (Nichol & Dhariwal 2021, eq. 15)."""
+        if self.config.variance == "fixed_small_log":
+            return self.posterior_log_variance_clipped(t, t_prev)
+        if v is None:
+            raise ValueError("learned_range variance needs the model's variance channels")
+        beta, _ = self.step_beta(t, t_prev)
+        min_log = self.posterior_variance(t, t_prev).log()  # Karlo does not clamp here
+        max_log = beta.log()
+        frac = (v + 1) / 2
+        return frac * max_log + (1 - frac) * min_log
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: int,
+        t_prev: int,
+        noise: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ancestral step x_t -> x_{t_prev} ~ p(x_{t_prev} | x_t) (Ho et al. 2020, alg. 2; Karlo's respaced variant); returns (x_prev, pred_x0)."""
+        t, t_prev = int(t), int(t_prev)
+        if not -1 <= t_prev < t:
+            raise ValueError(f"step needs -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
+        mean_output, v = self.split_output(model_output, x_t)
+        x0 = self.predict_x0(x_t, t, mean_output)
+        x_prev = self.q_posterior_mean(x0, x_t, t, t_prev)
+        if t > 0:  # no noise is added when stepping out of t = 0
+            if noise is None:
+                raise ValueError(f"the ancestral step from t={t} needs noise")
+            std = torch.exp(0.5 * self.p_log_variance(t, t_prev, v))
+            x_prev = x_prev + std * noise
+        return x_prev, x0
+
+    def ddim_step(
+        self,
+        model_output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: int,
+        t_prev: int,
+        eta: float,
+        noise: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DDIM step x_t -> x_{t_prev} (Song et al. 2020, eq. 12; eps re-derived from the clamped x_0 as in guided-diffusion); returns (x_prev, pred_x0)."""
+        t, t_prev = int(t), int(t_prev)
+        if not -1 <= t_prev < t:
+            raise ValueError(f"ddim_step needs -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
+        x0 = self.predict_x0(x_t, t, model_output)  # learned-variance channels are ignored
+        eps = self.predict_eps_from_x0(x_t, t, x0)
+        abar_t, abar_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t)).sqrt() * (1 - abar_t / abar_prev).sqrt()
+        dir_coef = torch.clamp(1 - abar_prev - sigma**2, min=0.0).sqrt()  # direction pointing to x_t
+        x_prev = abar_prev.sqrt() * x0 + dir_coef * eps
+        if sigma > 0:
+            if noise is None:
+                raise ValueError(f"DDIM with eta={eta} needs noise for the step from t={t}")
+            x_prev = x_prev + sigma * noise
+        return x_prev, x0
+
+    def ddim_reverse_step(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: int, t_next: int
+    ) -> torch.Tensor:
+        """Deterministic DDIM inversion step x_t -> x_{t_next}, t_next > t (Song et al. 2020, eq. 12 run forwards; guided-diffusion ddim_reverse_sample).
+
+        t = -1 means x_t is the clean sample: the model output is then read as if x_t sat at t = 0,
+        which makes this step the exact inverse of the last sampling step 0 -> -1.
+        """
+        t, t_next = int(t), int(t_next)
+        if not -1 <= t < t_next < self.num_timesteps:
+            raise ValueError(f"ddim_reverse_step needs -1 <= t < t_next < {self.num_timesteps}, got {t} -> {t_next}")
+        t_model = max(t, 0)
+        x0 = self.predict_x0(x_t, t_model, model_output)
+        eps = self.predict_eps_from_x0(x_t, t_model, x0)
+        if t < 0:
+            x0 = x_t  # the clean sample is known exactly
+        abar_next = self.alpha_bar(t_next)
+        return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps

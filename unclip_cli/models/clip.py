@@ -1,0 +1,208 @@
+"""Frozen CLIP through open_clip: tokens, text embedding + hidden states, image embedding.
+
+A model set keeps its CLIP in open_clip's `local-dir:` layout, a folder holding
+`open_clip_config.json` ({"model_cfg": ..., "preprocess_cfg": ...}) and
+`open_clip_model.safetensors`. open_clip builds the modules; the text forward is written here
+(against the attributes of open_clip's CLIP / TextTransformer) because unCLIP needs the
+per-token hidden states, which open_clip's `encode_text` does not return.
+
+What the Karlo / diffusers pipeline uses, and what this module returns:
+  text_embed   projected EOT token, not L2-normalized (HF `text_embeds`)
+  text_hidden  all token states after the final LayerNorm (HF `last_hidden_state`)
+  mask         True from SOT up to and including EOT (HF `attention_mask` with pad "!" = id 0)
+The transformer runs with its causal mask only, no padding mask: as in HF CLIP, the causal mask
+already keeps the trailing pads out of every real token's state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transformer import TextTransformer, text_global_pool
+from PIL import Image
+from torch import nn
+
+from ..errors import UserError
+from ..io import save_weights
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+
+# A CLIP small enough to run in milliseconds, for tests and the tiny model set. All widths differ
+# (embedding 32, text 48, vision 64) so that no code can confuse them. quick_gelu as in OpenAI's
+# CLIP (and so Karlo's ViT-L/14).
+TINY_CLIP_CONFIG: dict = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "head_width": 32, "layers": 2},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 2},
+}
+
+# open_clip's preprocess keys; the size comes from the model's vision tower.
+DEFAULT_PREPROCESS_CFG: dict = {
+    "mean": list(OPENAI_DATASET_MEAN),
+    "std": list(OPENAI_DATASET_STD),
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "random": Image.BICUBIC}
+
+
+def _create(path: Path, load_weights: bool) -> nn.Module:
+    """open_clip model from a local-dir folder; never touches the network."""
+    return open_clip.create_model(
+        "local-dir:" + str(path),
+        load_weights=load_weights,
+        precision="fp32",
+        pretrained_image=False,
+        pretrained_text=False,  # only HF text towers would download base weights
+    )
+
+
+def write_clip_dir(out_dir: Path, model_cfg: dict, preprocess_cfg: dict | None = None, seed: int = 0) -> None:
+    """Save a randomly initialised open_clip model (deterministic in `seed`) in the local-dir layout.
+
+    Parameters that open_clip initialises to a constant (LayerNorm scales and shifts, zero biases)
+    are jittered, so that a random model exercises every weight of a converter or a forward.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or DEFAULT_PREPROCESS_CFG}
+    text = json.dumps(config, indent=2)
+    (out_dir / CONFIG_NAME).write_text(text + "\n")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _create(out_dir, load_weights=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                    p.add_(0.1 * torch.randn_like(p))
+    save_weights(out_dir / WEIGHTS_NAME, model.state_dict(), {"format": "pt", "open_clip_config": text})
+
+
+def _square_size(size) -> int:
+    if isinstance(size, (tuple, list)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"only square CLIP image sizes are supported, got {tuple(size)}")
+        size = size[0]
+    return int(size)
+
+
+class ClipEncoder:
+    """A frozen open_clip model with the text outputs unCLIP needs."""
+
+    def __init__(self, model: nn.Module, tokenizer, device: torch.device):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.device = device
+        if isinstance(model, open_clip.CLIP):
+            self._text = model  # text modules live on the CLIP itself
+            self._pool_type, self._eos_id = model.text_pool_type, model.text_eos_id
+        elif isinstance(getattr(model, "text", None), TextTransformer):
+            self._text = model.text
+            if model.text.cls_emb is not None or model.text.use_pad_mask:
+                raise ValueError("CLIP text towers with a class token or a padding mask are not supported")
+            self._pool_type, self._eos_id = model.text.pool_type, model.text.eos_id
+        else:
+            raise ValueError(
+                f"unsupported CLIP text tower ({type(getattr(model, 'text', model)).__name__}): "
+                "need open_clip's own text transformer"
+            )
+        if not hasattr(tokenizer, "eot_token_id"):
+            raise ValueError(f"unsupported CLIP tokenizer {type(tokenizer).__name__}: need open_clip's SimpleTokenizer")
+
+        pp = open_clip.get_model_preprocess_cfg(model)
+        self.preprocess_cfg = pp
+        self.text_width: int = self._text.transformer.width
+        proj = self._text.text_projection
+        if proj is None:
+            self.embed_dim: int = self.text_width
+        else:
+            self.embed_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+        self.context_length: int = self._text.context_length
+        self.image_size: int = _square_size(pp["size"])
+        if pp.get("resize_mode", "shortest") not in ("shortest", "squash"):
+            raise ValueError(f"unsupported CLIP resize_mode {pp['resize_mode']!r}")
+        self._resample = _RESAMPLE[pp.get("interpolation", "bicubic")]
+        self._mean = torch.tensor(pp["mean"], dtype=torch.float32)[:, None, None]  # (3, 1, 1)
+        self._std = torch.tensor(pp["std"], dtype=torch.float32)[:, None, None]
+
+    @classmethod
+    def load(cls, path: Path, device: str | torch.device = "cpu") -> "ClipEncoder":
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise UserError(f"{path}: not a CLIP folder (no {CONFIG_NAME})")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")) and not any(path.glob("*.pth")):
+            raise UserError(f"{path}: CLIP weights missing")
+        device = torch.device(device)
+        model = _create(path, load_weights=True).to(device)
+        tokenizer = open_clip.get_tokenizer("local-dir:" + str(path))
+        return cls(model, tokenizer, device)
+
+    # ------------------------------------------------------------------ text
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, L) long, padded with 0 and truncated keeping EOT; mask (B, L) bool, True up to EOT.
+
+        Id 0 is also a real token ("!"), so the mask comes from the EOT position, not from ids != 0.
+        """
+        ids = self.tokenizer(list(prompts), context_length=self.context_length)  # (B, L)
+        is_eot = ids == self.tokenizer.eot_token_id
+        if not bool(is_eot.any(dim=1).all()):
+            raise ValueError("tokenizer output without an end-of-text token")
+        eot = is_eot.int().argmax(dim=1)  # (B,) first EOT
+        mask = torch.arange(ids.shape[1])[None, :] <= eot[:, None]
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(text_embed (B, D) projected EOT token, not normalized; text_hidden (B, L, W) after ln_final; mask)."""
+        t = self._text
+        ids, mask = self.tokenize(prompts)
+        L = ids.shape[1]
+        x = t.token_embedding(ids) + t.positional_embedding[:L]  # (B, L, W)
+        attn_mask = None if t.attn_mask is None else t.attn_mask[:L, :L]  # causal, additive -inf
+        x = t.transformer(x, attn_mask=attn_mask)
+        hidden = t.ln_final(x)  # (B, L, W)
+        pooled = text_global_pool(hidden, ids, self._pool_type, eos_token_id=self._eos_id)  # (B, W)
+        proj = t.text_projection
+        if proj is None:
+            embed = pooled
+        elif isinstance(proj, nn.Linear):
+            embed = proj(pooled)
+        else:
+            embed = pooled @ proj  # (B, D)
+        return embed.float(), hidden.float(), mask
+
+    # ------------------------------------------------------------------ images
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        """One image -> (3, S, S), as open_clip's eval transform (torchvision Resize + CenterCrop)."""
+        s = self.image_size
+        image = image.convert("RGB")
+        if self.preprocess_cfg.get("resize_mode", "shortest") == "squash":
+            image = image.resize((s, s), self._resample)
+        else:
+            w, h = image.size
+            size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)  # shortest side -> s
+            image = image.resize(size, self._resample)
+            w, h = image.size
+            left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+            image = image.crop((left, top, left + s, top + s))
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)  # (3, S, S)
+        return (x - self._mean) / self._std
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """RGB, shortest side to image_size (bicubic), centre crop, normalize -> (B, 3, S, S)."""
+        return torch.stack([self._pixels(im) for im in images]).to(self.device)
+
+    @torch.no_grad()
+    def encode_image(self, images: list[Image.Image]) -> torch.Tensor:
+        """(B, D) projected image embedding, not normalized."""
+        return self.model.encode_image(self.preprocess(images), normalize=False).float()

@@ -1,0 +1,148 @@
+"""Diffusion prior (unCLIP, Ramesh et al. 2022, section 2.1): a causal transformer that predicts a
+clean CLIP image embedding from a noisy one, conditioned on the caption.
+
+Sequence fed to the transformer, T = L + 4 tokens:
+    [text tokens (L), text embedding, timestep embedding, x_t, learned final token]
+The final token's output is projected to the predicted x0 (in the normalized embedding space).
+Numerically this is Karlo v1 alpha as realized by diffusers' `PriorTransformer`, including its
+additive -10000 masks (causal, plus padded text-token columns).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unclip_cli.models.configs import PriorConfig
+from unclip_cli.models.nn import TimeEmbed
+
+MASK_VALUE = -10000.0  # additive attention bias for masked positions (diffusers / Karlo)
+NUM_EXTRA_TOKENS = 4  # text embedding, time embedding, x_t, final token
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with an additive float mask."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        assert width % num_heads == 0, f"width {width} not divisible by {num_heads} heads"
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)  # q, k, v stacked on the output dim
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd); mask (B, 1, T, T)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """Linear -> exact GELU -> Linear, 4x expansion."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = nn.Linear(width, 4 * width)
+        self.proj = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, width: int, num_heads: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, num_heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class DiffusionPrior(nn.Module):
+    """x_t, t, caption -> predicted x0 of the normalized CLIP image embedding."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, D = cfg.width, cfg.embed_dim
+        T = cfg.num_text_tokens + NUM_EXTRA_TOKENS
+        self.time_embed = TimeEmbed(C, C, C)
+        self.text_proj = nn.Linear(cfg.text_width, C)  # text hidden states -> tokens
+        self.text_embed_proj = nn.Linear(D, C)  # CLIP text embedding -> one token
+        self.x_proj = nn.Linear(D, C)  # noisy image embedding -> one token
+        self.pos_embed = nn.Parameter(torch.empty(1, T, C))
+        self.final_token = nn.Parameter(torch.empty(1, 1, C))  # its output is the prediction
+        self.blocks = nn.ModuleList([Block(C, cfg.num_heads) for _ in range(cfg.num_layers)])
+        self.ln_f = nn.LayerNorm(C)
+        self.out_proj = nn.Linear(C, D)
+        # Statistics of the CLIP image embeddings the prior was trained on (normalized space <-> CLIP
+        # space). Data, not learned: loaded with the weights, excluded from gradient updates.
+        self.clip_mean = nn.Parameter(torch.zeros(1, D), requires_grad=False)
+        self.clip_std = nn.Parameter(torch.ones(1, D), requires_grad=False)
+        causal = torch.full((T, T), MASK_VALUE).triu_(1)  # (T, T): -10000 above the diagonal
+        self.register_buffer("causal_mask", causal, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.final_token, std=0.02)
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        text_embed: torch.Tensor,
+        text_hidden: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """x_t (B, D), t (B,), text_embed (B, D), text_hidden (B, L, text_width), text_mask (B, L) bool
+        -> predicted x0 (B, D), normalized space."""
+        B, L, _ = text_hidden.shape
+        if L != self.cfg.num_text_tokens:
+            raise ValueError(f"prior expects {self.cfg.num_text_tokens} text tokens, got {L}")
+        dtype = x_t.dtype
+        tokens = torch.cat(
+            [
+                self.text_proj(text_hidden),  # (B, L, C)
+                self.text_embed_proj(text_embed)[:, None],  # (B, 1, C)
+                self.time_embed(t, dtype=dtype)[:, None],  # (B, 1, C)
+                self.x_proj(x_t)[:, None],  # (B, 1, C)
+                self.final_token.to(dtype).expand(B, -1, -1),  # (B, 1, C)
+            ],
+            dim=1,
+        )  # (B, T, C)
+        h = tokens + self.pos_embed.to(dtype)  # (B, T, C)
+
+        # additive mask: causal, plus masked key columns for padded text tokens
+        pad = (1 - text_mask.to(dtype)) * MASK_VALUE  # (B, L)
+        pad = F.pad(pad, (0, NUM_EXTRA_TOKENS), value=0.0)  # (B, T)
+        mask = (pad[:, None, :] + self.causal_mask.to(dtype))[:, None]  # (B, 1, T, T)
+
+        for block in self.blocks:
+            h = block(h, mask)  # (B, T, C)
+        h = self.ln_f(h)
+        return self.out_proj(h[:, -1])  # (B, D)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP image embedding -> the prior's normalized space."""
+        return (x - self.clip_mean) / self.clip_std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized space -> CLIP image embedding (diffusers' `post_process_latents`)."""
+        return x * self.clip_std + self.clip_mean

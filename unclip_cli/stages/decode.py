@@ -1,0 +1,66 @@
+"""Decoder stage: CLIP image embedding (+ text conditioning) -> 64x64 image in [-1, 1]."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from unclip_cli.diffusion.samplers import draw_noise, sample_ancestral, sample_ddim
+from unclip_cli.diffusion.schedule import GaussianDiffusion, respaced_timesteps
+from unclip_cli.models.decoder import Decoder
+from unclip_cli.stages.conditioning import TextCond
+
+
+@torch.no_grad()
+def run_decoder(
+    decoder: Decoder,
+    image_embed: torch.Tensor,
+    cond: TextCond,
+    null: TextCond,
+    *,
+    steps: int,
+    guidance: float,
+    generator: torch.Generator | None,
+    guided: bool | None = None,
+    eta: float | None = None,
+    x_T: torch.Tensor | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Decode image embeddings (B, D) to (B, 3, H, W) in [-1, 1], as UnCLIPPipeline's decoder loop.
+
+    Guidance on eps with [learned null image embedding + empty text; image embedding + text];
+    the variance comes from the conditional half. eta=None: the ancestral (learned-variance)
+    sampler; eta=float: DDIM with that eta. x_T: a given initial noise (else drawn).
+    """
+    device = next(decoder.parameters()).device
+    batch = image_embed.shape[0]
+    guided = guidance > 1.0 if guided is None else guided
+    image_embed = image_embed.to(device)
+    cond = cond.to(device)
+    if guided:
+        image_embed = torch.cat([decoder.null_image_embed(batch).to(device), image_embed])
+        cond = TextCond.cat(null.to(device).expand(batch), cond)
+    dcond = decoder.condition(image_embed, cond.embed, cond.hidden, cond.mask)
+    channels = decoder.cfg.unet.in_channels
+
+    def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+        x_in = torch.cat([x, x]) if guided else x
+        t_in = torch.full((x_in.shape[0],), t, dtype=torch.long, device=device)
+        out = decoder(x_in, t_in, dcond)
+        if guided:
+            uncond, text = out.chunk(2)
+            eps_u, eps_t, var_t = uncond[:, :channels], text[:, :channels], text[:, channels:]
+            out = torch.cat([eps_u + guidance * (eps_t - eps_u), var_t], dim=1)
+        return out
+
+    diffusion = GaussianDiffusion.from_config(decoder.cfg.diffusion)
+    timesteps = respaced_timesteps(steps, diffusion.num_timesteps)
+    size = decoder.cfg.unet.sample_size
+    if x_T is None:
+        x_T = draw_noise((batch, channels, size, size), generator, device)
+    if eta is None:
+        x = sample_ancestral(model_fn, x_T.to(device), diffusion, timesteps, generator=generator, callback=callback)
+    else:
+        x = sample_ddim(model_fn, x_T.to(device), diffusion, timesteps, eta=eta, generator=generator, callback=callback)
+    return x.clamp(-1, 1)
