@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -19,14 +18,14 @@ from unclip_cli.errors import UserError
 class _Group(TyperGroup):
     """Turns a UserError anywhere below into one line on stderr and exit status 1."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.echo(f"unclip: error: {e}", err=True)
+            typer.echo(f"unclip: error: {e}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            click.echo("unclip: interrupted", err=True)
+            typer.echo("unclip: interrupted", err=True)
             raise typer.Exit(130) from None
 
 

@@ -103,9 +103,11 @@ class GaussianDiffusion:
 
     def split_output(self, model_output: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Split a learned-variance output (B, 2C, ...) into (eps or x0, v); v is None for fixed variances (Nichol & Dhariwal 2021)."""
-        if self.config.variance != "learned_range":
-            return model_output, None
         channels = x_t.shape[1]
+        if self.config.variance != "learned_range":
+            if model_output.shape[1] != channels:
+                raise ValueError(f"model must output {channels} channels on dim 1, got {model_output.shape[1]}")
+            return model_output, None
         if model_output.shape[1] != 2 * channels:
             raise ValueError(
                 f"learned-variance model must output {2 * channels} channels on dim 1, got {model_output.shape[1]}"

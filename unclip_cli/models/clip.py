@@ -17,6 +17,8 @@ already keeps the trailing pads out of every real token's state.
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,17 @@ def _create(path: Path, load_weights: bool) -> nn.Module:
     )
 
 
+@contextmanager
+def _quiet_open_clip():
+    """open_clip warns on the root logger when it builds a model without weights, as intended here."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def write_clip_dir(out_dir: Path, model_cfg: dict, preprocess_cfg: dict | None = None, seed: int = 0) -> None:
     """Save a randomly initialised open_clip model (deterministic in `seed`) in the local-dir layout.
 
@@ -76,7 +89,7 @@ def write_clip_dir(out_dir: Path, model_cfg: dict, preprocess_cfg: dict | None =
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or DEFAULT_PREPROCESS_CFG}
     text = json.dumps(config, indent=2)
     (out_dir / CONFIG_NAME).write_text(text + "\n")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(seed)
         model = _create(out_dir, load_weights=False)
         with torch.no_grad():

@@ -1,0 +1,289 @@
+"""CLIP over open_clip: the local-dir round trip, text outputs against open_clip's own forward,
+the EOT mask, image preprocessing against open_clip's transform, and tokenizer parity with the
+transformers CLIPTokenizer that Karlo ships (built here from open_clip's own BPE file)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from unclip_cli.errors import UserError
+from unclip_cli.models.clip import (
+    DEFAULT_PREPROCESS_CFG,
+    TINY_CLIP_CONFIG,
+    ClipEncoder,
+    write_clip_dir,
+)
+
+PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "A corgi wearing a red bowtie and a purple party hat",
+    "an oil painting of a fox in the snow, by Claude Monet",
+    "two cats sleeping on a sofa.",
+    "Teddy bears working on new AI research underwater with 1990s technology",
+    "a bowl of soup that looks like a monster, knitted out of wool",
+    "3D render of a cute tropical fish in an aquarium on a dark blue background",
+    "panda mad scientist mixing sparkling chemicals, artstation",
+    "an armchair in the shape of an avocado",
+    "hello world! it's 12:30 -- isn't it?",
+    "",
+]
+NO_NET = "unclip-test: network access attempted"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(NO_NET)
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clip")
+    write_clip_dir(d, TINY_CLIP_CONFIG, seed=0)
+    return d
+
+
+@pytest.fixture(scope="module")
+def enc(clip_dir):
+    return ClipEncoder.load(clip_dir)
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 256, (50, 40, 3), dtype=np.uint8)),  # portrait
+        Image.fromarray(rng.integers(0, 256, (37, 83, 3), dtype=np.uint8)),  # landscape, odd crop
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),  # already the right size
+        Image.fromarray(rng.integers(0, 256, (20, 25), dtype=np.uint8)).convert("L"),  # grey, upscaled
+    ]
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_layout_and_metadata(clip_dir):
+    from safetensors import safe_open
+
+    cfg = json.loads((clip_dir / "open_clip_config.json").read_text())
+    assert cfg["model_cfg"] == TINY_CLIP_CONFIG
+    assert cfg["preprocess_cfg"] == DEFAULT_PREPROCESS_CFG
+    with safe_open(str(clip_dir / "open_clip_model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["open_clip_config"]) == cfg
+
+
+def test_dims(enc):
+    assert (enc.embed_dim, enc.text_width, enc.context_length, enc.image_size) == (32, 48, 77, 32)
+    assert enc.embed_dim != enc.text_width
+
+
+def test_same_seed_same_model(clip_dir, tmp_path, enc):
+    write_clip_dir(tmp_path / "a", TINY_CLIP_CONFIG, seed=0)
+    write_clip_dir(tmp_path / "b", TINY_CLIP_CONFIG, seed=1)
+    a, b = ClipEncoder.load(tmp_path / "a"), ClipEncoder.load(tmp_path / "b")
+    sd0, sda, sdb = enc.model.state_dict(), a.model.state_dict(), b.model.state_dict()
+    assert sd0.keys() == sda.keys()
+    assert all(torch.equal(sd0[k], sda[k]) for k in sd0)
+    assert not torch.equal(sd0["text_projection"], sdb["text_projection"])
+    e0, h0, _ = enc.encode_text(PROMPTS[:3])
+    ea, ha, _ = a.encode_text(PROMPTS[:3])
+    eb, _, _ = b.encode_text(PROMPTS[:3])
+    assert torch.equal(e0, ea) and torch.equal(h0, ha)
+    assert not torch.allclose(e0, eb)
+
+
+def test_seeding_leaves_global_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    write_clip_dir(tmp_path, TINY_CLIP_CONFIG, seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_constant_inits_are_jittered(enc):
+    m = enc.model
+    assert not torch.allclose(m.ln_final.weight, torch.ones_like(m.ln_final.weight))
+    assert m.ln_final.bias.abs().max() > 0
+    assert m.transformer.resblocks[0].attn.in_proj_bias.abs().max() > 0
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UserError, match="open_clip_config.json"):
+        ClipEncoder.load(tmp_path)
+    write_clip_dir(tmp_path, TINY_CLIP_CONFIG)
+    (tmp_path / "open_clip_model.safetensors").unlink()
+    with pytest.raises(UserError, match="weights missing"):
+        ClipEncoder.load(tmp_path)
+
+
+# --------------------------------------------------------------------------- text
+
+
+def test_encode_text_shapes_and_dtype(enc):
+    embed, hidden, mask = enc.encode_text(PROMPTS)
+    B = len(PROMPTS)
+    assert embed.shape == (B, 32) and hidden.shape == (B, 77, 48) and mask.shape == (B, 77)
+    assert embed.dtype == hidden.dtype == torch.float32 and mask.dtype == torch.bool
+    assert not torch.allclose(embed.norm(dim=-1), torch.ones(B), atol=1e-2)  # not L2-normalized
+
+
+def test_text_embed_matches_open_clip(enc):
+    ids, _ = enc.tokenize(PROMPTS)
+    embed, _, _ = enc.encode_text(PROMPTS)
+    ref = enc.model.encode_text(ids, normalize=False)
+    torch.testing.assert_close(embed, ref, atol=1e-6, rtol=0)
+
+
+def test_hidden_states_are_after_ln_final(enc):
+    ids, _ = enc.tokenize(PROMPTS)
+    embed, hidden, _ = enc.encode_text(PROMPTS)
+    out = enc.model.forward_intermediates(
+        text=ids, text_indices=1, normalize_intermediates=True, intermediates_only=True
+    )
+    ref = out["text_intermediates"][-1]  # ln_final(last block output), (B, L, W)
+    torch.testing.assert_close(hidden, ref, atol=1e-6, rtol=0)
+    # the embedding is the projected hidden state at the EOT position
+    eot = ids.argmax(dim=1)
+    pooled = hidden[torch.arange(len(PROMPTS)), eot]
+    torch.testing.assert_close(embed, pooled @ enc.model.text_projection, atol=1e-6, rtol=0)
+
+
+def test_batch_does_not_leak(enc):
+    embed, hidden, _ = enc.encode_text(PROMPTS[:4])
+    for i, p in enumerate(PROMPTS[:4]):
+        e1, h1, _ = enc.encode_text([p])
+        torch.testing.assert_close(e1[0], embed[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(h1[0], hidden[i], atol=1e-5, rtol=0)
+
+
+def test_custom_text_clip(tmp_path):
+    write_clip_dir(tmp_path, {**TINY_CLIP_CONFIG, "custom_text": True}, seed=3)
+    enc = ClipEncoder.load(tmp_path)
+    assert type(enc.model).__name__ == "CustomTextCLIP"
+    assert (enc.embed_dim, enc.text_width) == (32, 48)
+    ids, _ = enc.tokenize(PROMPTS)
+    embed, hidden, _ = enc.encode_text(PROMPTS)
+    torch.testing.assert_close(embed, enc.model.encode_text(ids, normalize=False), atol=1e-6, rtol=0)
+    enc.model.text.output_tokens = True
+    _, tokens = enc.model.text(ids)
+    torch.testing.assert_close(hidden, tokens, atol=1e-6, rtol=0)
+
+
+def test_unsupported_text_tower(tmp_path):
+    cfg = {**TINY_CLIP_CONFIG, "custom_text": True}
+    cfg["text_cfg"] = {**cfg["text_cfg"], "embed_cls": True}
+    write_clip_dir(tmp_path, cfg)
+    with pytest.raises(ValueError, match="class token"):
+        ClipEncoder.load(tmp_path)
+
+
+# --------------------------------------------------------------------------- mask
+
+
+def test_mask_with_token_id_zero(enc):
+    prompts = ["hello!", "wow !~ that's it", "!$"]
+    ids, mask = enc.tokenize(prompts)
+    assert ids.dtype == torch.long and ids.shape == (3, 77)
+    assert 0 in ids[1, 1:6].tolist() and ids[2, 1].item() == 0  # "!" followed by punctuation is id 0
+    eot = enc.tokenizer.eot_token_id
+    for i in range(3):
+        n = int((ids[i] == eot).nonzero()[0]) + 1  # tokens up to and including EOT
+        assert mask[i, :n].all() and not mask[i, n:].any()
+        assert (ids[i, n:] == 0).all()  # padding
+    assert ids[2, :3].tolist() == [enc.tokenizer.sot_token_id, 0, 259] and mask[2].sum() == 4
+    _, _, mask2 = enc.encode_text(prompts)
+    assert torch.equal(mask, mask2)
+
+
+def test_truncation_keeps_eot(enc):
+    long = " ".join(["cat"] * 100)
+    ids, mask = enc.tokenize([long, "cat"])
+    assert ids[0, -1].item() == enc.tokenizer.eot_token_id
+    assert (ids[0, 1:-1] == ids[1, 1]).all()
+    assert mask[0].all() and mask[1].sum() == 3
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_preprocess_matches_open_clip(enc):
+    ref_tf = open_clip.image_transform(
+        enc.image_size,
+        is_train=False,
+        mean=DEFAULT_PREPROCESS_CFG["mean"],
+        std=DEFAULT_PREPROCESS_CFG["std"],
+        interpolation="bicubic",
+        resize_mode="shortest",
+    )
+    images = [im.convert("RGB") for im in _images()]
+    ours = enc.preprocess(images)
+    assert ours.shape == (len(images), 3, 32, 32) and ours.dtype == torch.float32
+    ref = torch.stack([ref_tf(im) for im in images])
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_encode_image_matches_open_clip(enc):
+    images = _images()
+    pixels = enc.preprocess(images)
+    emb = enc.encode_image(images)
+    assert emb.shape == (len(images), 32) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb, enc.model.encode_image(pixels, normalize=False), atol=1e-6, rtol=0)
+    assert not torch.allclose(emb.norm(dim=-1), torch.ones(len(images)), atol=1e-2)
+
+
+# --------------------------------------------------------------------------- tokenizer parity
+
+
+def _hf_clip_tokenizer(tmp_path):
+    """transformers CLIPTokenizer from open_clip's BPE file, set up as Karlo's tokenizer (pad "!")."""
+    from transformers import CLIPTokenizer
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    lines = gzip.open(open_clip.tokenizer.default_bpe()).read().decode("utf-8").split("\n")
+    lines = lines[: 49152 - 256 - 2 + 1]  # header line (skipped by HF) + 48894 merges
+    merges = [tuple(m.split()) for m in lines[1:]]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == 49408
+    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (tmp_path / "merges.txt").write_text("\n".join(lines))
+    return CLIPTokenizer(
+        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), pad_token="!", model_max_length=77
+    )
+
+
+def test_tokenizer_parity_with_transformers(enc, tmp_path):
+    hf = _hf_clip_tokenizer(tmp_path)
+    prompts = [p for p in PROMPTS if "!" not in p] + ["wow ~$ that's it", " ".join(["cat"] * 100)]
+    assert len(prompts) >= 11 and "" in prompts
+    out = hf(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    ids, mask = enc.tokenize(prompts)
+    assert torch.equal(ids, out.input_ids)
+    assert torch.equal(mask, out.attention_mask.bool())
+
+
+def test_known_exclamation_divergence_from_transformers(enc, tmp_path):
+    """With pad_token "!" (Karlo, SD 2), transformers treats every "!" as the special pad token,
+    id 0, and splits words at it; open_clip (like OpenAI's tokenizer) BPE-encodes it ("!</w>" = 256,
+    "!!" = 748). diffusers/diffusers#4153. Our ids follow open_clip; the masks still agree."""
+    hf = _hf_clip_tokenizer(tmp_path)
+    prompts = ["hello!", "hello world! it's 12:30"]
+    out = hf(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+    ids, mask = enc.tokenize(prompts)
+    assert ids[0, :4].tolist() == [49406, 3306, 256, 49407]
+    assert out.input_ids[0, :4].tolist() == [49406, 3306, 0, 49407]
+    assert torch.equal(ids == 256, (out.input_ids == 0) & out.attention_mask.bool())
+    assert torch.equal(mask, out.attention_mask.bool())
