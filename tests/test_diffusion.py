@@ -186,7 +186,9 @@ def test_ancestral_matches_diffusers(name):
     calls = []
     g = torch.Generator().manual_seed(1)
     x_T2 = draw_noise(shape, g, "cpu")
-    out = sample_ancestral(model_fn, x_T2, diffusion, timesteps, generator=g, callback=lambda i, n: calls.append((i, n)))
+    out = sample_ancestral(
+        model_fn, x_T2, diffusion, timesteps, generator=g, callback=lambda i, n: calls.append((i, n))
+    )
     assert torch.equal(x_T2, x_T)
     assert torch.equal(out, x_ref)
     assert calls == [(i, steps) for i in range(steps)]
@@ -228,7 +230,8 @@ def test_ddim_eta0_is_deterministic_and_draws_no_noise():
     state = g.get_state()
     a = sample_ddim(model_fn, x_T, diffusion, respaced_timesteps(steps), eta=0.0, generator=g)
     assert torch.equal(g.get_state(), state)
-    b = sample_ddim(model_fn, x_T, diffusion, respaced_timesteps(steps), eta=0.0, generator=torch.Generator().manual_seed(9))
+    other = torch.Generator().manual_seed(9)
+    b = sample_ddim(model_fn, x_T, diffusion, respaced_timesteps(steps), eta=0.0, generator=other)
     assert torch.equal(a, b)
     # eta > 0 draws one noise per step except the last (t_prev = -1)
     sample_ddim(model_fn, x_T, diffusion, respaced_timesteps(steps), eta=1.0, generator=g)
@@ -251,7 +254,8 @@ def test_ddim_step_against_float64():
         x0_64 = ((x_t.double() - math.sqrt(1 - a_t) * eps.double()) / math.sqrt(a_t)).clamp(-1, 1)
         eps_64 = (x_t.double() - math.sqrt(a_t) * x0_64) / math.sqrt(1 - a_t)  # re-derived from the clamped x0
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
-        expected = math.sqrt(a_prev) * x0_64 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps_64 + sigma * noise.double()
+        direction = math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps_64
+        expected = math.sqrt(a_prev) * x0_64 + direction + sigma * noise.double()
         assert (x0_64.abs() == 1).any() or t < 100  # the clamp is exercised at high t
         torch.testing.assert_close(x0.double(), x0_64, rtol=0, atol=1e-5)
         torch.testing.assert_close(x_prev.double(), expected, rtol=0, atol=1e-5)
@@ -281,7 +285,7 @@ def test_ddim_ignores_learned_variance_channels():
 
 @pytest.mark.parametrize("variance", ["fixed_small_log", "learned_range"])
 def test_ddim_invert_round_trip(variance):
-    """With a model that predicts the true noise of a known (x0, eps) pair, inversion lands on q(x_T | x0) and DDIM returns x0."""
+    """A model that knows the true noise of (x0, eps): inversion lands on q(x_T | x0), DDIM brings back x0."""
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(prediction="eps", variance=variance, clip_range=1.0))
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(2, 3, 8, 8, generator=g) * 1.8 - 0.9  # (B, C, H, W) in the clip range

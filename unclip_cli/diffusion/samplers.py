@@ -23,7 +23,7 @@ def draw_noise(
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Standard normal noise drawn in float32 on the CPU, then moved: the same seed gives the same noise on any device (diffusers randn_tensor with a CPU generator)."""
+    """N(0, I) drawn in float32 on the CPU, then moved: same seed, same noise on any device (diffusers randn_tensor)."""
     noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32, device="cpu")
     return noise.to(device=device, dtype=dtype)
 
@@ -96,7 +96,7 @@ def ddim_invert(
     *,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """DDIM inversion x_0 -> x_T along the sampling timesteps walked upwards (Song et al. 2020, sec. 4.3; unCLIP sec. 3).
+    """DDIM inversion x_0 -> x_T along the sampling timesteps, walked upwards (Song et al. 2020, sec. 4.3).
 
     It takes as many model calls as `sample_ddim` over the same timesteps and undoes its steps one
     by one: the first call sees the clean sample at t = 0 (-1 -> 0), the last step ends at timesteps[0].

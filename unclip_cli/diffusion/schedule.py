@@ -19,7 +19,7 @@ VARIANCES = ("fixed_small_log", "learned_range")
 
 
 def cosine_betas(num_timesteps: int = 1000, max_beta: float = 0.999) -> torch.Tensor:
-    """Betas of the cosine schedule, beta_i = min(1 - abar((i+1)/T) / abar(i/T), max_beta) (Nichol & Dhariwal 2021, eq. 17)."""
+    """Cosine schedule: beta_i = min(1 - abar((i+1)/T) / abar(i/T), max_beta) (Nichol & Dhariwal 2021, eq. 17)."""
 
     def alpha_bar(s: float) -> float:
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -32,7 +32,7 @@ def cosine_betas(num_timesteps: int = 1000, max_beta: float = 0.999) -> torch.Te
 
 
 def respaced_timesteps(num_steps: int, num_timesteps: int = 1000) -> list[int]:
-    """Evenly spaced sampling timesteps, descending: round(i * (T-1)/(N-1)) with half-to-even rounding (Karlo's respacing)."""
+    """Sampling timesteps, descending: round(i * (T-1)/(N-1)), rounding half to even (Karlo's respacing)."""
     if not 2 <= num_steps <= num_timesteps:
         raise ValueError(f"number of sampling steps must be between 2 and {num_timesteps}, got {num_steps}")
     ratio = (num_timesteps - 1) / (num_steps - 1)
@@ -73,7 +73,7 @@ class GaussianDiffusion:
         return self.alphas_cumprod[t] if t >= 0 else self._one
 
     def step_beta(self, t: int, t_prev: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(beta, alpha) of the respaced step t -> t_prev: beta = 1 - abar_t / abar_prev (Nichol & Dhariwal 2021, sec. 4)."""
+        """(beta, alpha) of the step t -> t_prev: beta = 1 - abar_t / abar_prev (Nichol & Dhariwal 2021, sec. 4)."""
         t, t_prev = int(t), int(t_prev)
         if t_prev == t - 1:  # an unskipped step keeps the stored beta_t (as Karlo / diffusers do)
             return self.betas[t], self.alphas[t]
@@ -102,7 +102,7 @@ class GaussianDiffusion:
     # ---- reverse process --------------------------------------------------------------------
 
     def split_output(self, model_output: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Split a learned-variance output (B, 2C, ...) into (eps or x0, v); v is None for fixed variances (Nichol & Dhariwal 2021)."""
+        """(B, 2C, ...) learned-variance output -> (eps or x0, v); v None if fixed (Nichol & Dhariwal 2021)."""
         channels = x_t.shape[1]
         if self.config.variance != "learned_range":
             if model_output.shape[1] != channels:
@@ -116,7 +116,7 @@ class GaussianDiffusion:
         return mean_output, v
 
     def predict_x0(self, x_t: torch.Tensor, t: int, model_output: torch.Tensor) -> torch.Tensor:
-        """x_0 from the network output: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Ho et al. 2020, eq. 15), clamped to +-clip_range."""
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (Ho et al. 2020, eq. 15) or x0 output, clamped."""
         if model_output.shape[1] != x_t.shape[1]:  # a learned-variance output: drop its v channels
             model_output, _ = self.split_output(model_output, x_t)
         if self.config.prediction == "eps":
@@ -129,7 +129,7 @@ class GaussianDiffusion:
         return x0
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, t: int, x0: torch.Tensor) -> torch.Tensor:
-        """The noise implied by x_t and x_0: eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t) (Ho et al. 2020, eq. 4 inverted)."""
+        """Noise implied by x_t, x_0: (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t) (Ho et al. 2020, eq. 4 inverted)."""
         abar_t = self.alpha_bar(t)
         return (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
 
@@ -142,7 +142,7 @@ class GaussianDiffusion:
         return coef_x0 * x0 + coef_xt * x_t
 
     def p_log_variance(self, t: int, t_prev: int, v: torch.Tensor | None = None) -> torch.Tensor:
-        """log-variance of p(x_{t_prev} | x_t): clipped posterior, or learned interpolation to log beta with (v+1)/2 (Nichol & Dhariwal 2021, eq. 15)."""
+        """log-variance of p(x_{t_prev} | x_t): clipped posterior or learned mix (Nichol & Dhariwal 2021, eq. 15)."""
         if self.config.variance == "fixed_small_log":
             return self.posterior_log_variance_clipped(t, t_prev)
         if v is None:
@@ -161,7 +161,7 @@ class GaussianDiffusion:
         t_prev: int,
         noise: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ancestral step x_t -> x_{t_prev} ~ p(x_{t_prev} | x_t) (Ho et al. 2020, alg. 2; Karlo's respaced variant); returns (x_prev, pred_x0)."""
+        """Ancestral step x_t -> x_{t_prev} (Ho et al. 2020, alg. 2, respaced as Karlo); returns (x_prev, pred_x0)."""
         t, t_prev = int(t), int(t_prev)
         if not -1 <= t_prev < t:
             raise ValueError(f"step needs -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
@@ -184,7 +184,10 @@ class GaussianDiffusion:
         eta: float,
         noise: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DDIM step x_t -> x_{t_prev} (Song et al. 2020, eq. 12; eps re-derived from the clamped x_0 as in guided-diffusion); returns (x_prev, pred_x0)."""
+        """DDIM step x_t -> x_{t_prev} (Song et al. 2020, eq. 12); returns (x_prev, pred_x0).
+
+        As in guided-diffusion, eps is re-derived from the clamped x_0; learned-variance channels are ignored.
+        """
         t, t_prev = int(t), int(t_prev)
         if not -1 <= t_prev < t:
             raise ValueError(f"ddim_step needs -1 <= t_prev < t, got t={t}, t_prev={t_prev}")
@@ -203,10 +206,10 @@ class GaussianDiffusion:
     def ddim_reverse_step(
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: int, t_next: int
     ) -> torch.Tensor:
-        """Deterministic DDIM inversion step x_t -> x_{t_next}, t_next > t (Song et al. 2020, eq. 12 run forwards; guided-diffusion ddim_reverse_sample).
+        """Deterministic DDIM inversion step x_t -> x_{t_next}, t_next > t (Song et al. 2020, eq. 12, run forwards).
 
-        t = -1 means x_t is the clean sample: the model output is then read as if x_t sat at t = 0,
-        which makes this step the exact inverse of the last sampling step 0 -> -1.
+        t = -1 means x_t is the clean sample: the model output is then read as if x_t sat at t = 0, and
+        the step undoes the last sampling step 0 -> -1 (exactly, when the model's output there is the same).
         """
         t, t_next = int(t), int(t_next)
         if not -1 <= t < t_next < self.num_timesteps:
