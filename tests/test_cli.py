@@ -197,7 +197,8 @@ def test_garbage_and_truncated_files(cli, tiny_set, tmp_path):
     raw = (tmp_path / "ok.npy").read_bytes()
     (tmp_path / "cut.npy").write_bytes(raw[: len(raw) - 40])
     assert_user_error(cli("decode", tmp_path / "cut.npy", "-o", tmp_path / "o.png", "--model", tiny_set))
-    assert not any(p.name.startswith("o") for p in tmp_path.iterdir())
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "o.st").exists()
+    assert not any(p.name.startswith(".o") for p in tmp_path.iterdir())  # no temporary leftovers
 
 
 def test_wrong_dimension_and_nan(cli, tiny_set, tmp_path):

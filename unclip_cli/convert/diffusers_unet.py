@@ -57,8 +57,7 @@ _MAPPED = {
 _IGNORED = {
     "dropout",  # training only
     "downsample_padding", "downsample_type", "upsample_type",  # Resnet*sample blocks use no conv resampler
-    "transformer_layers_per_block", "dual_cross_attention", "upcast_attention",  # unused by simple blocks
-    "addition_embed_type_num_heads", "attn_norm_num_groups", "num_train_timesteps",
+    "addition_embed_type_num_heads", "attn_norm_num_groups", "num_train_timesteps",  # only for other variants
 }
 _ALLOWED = {  # unmapped fields whose other accepted values mean the same network
     "only_cross_attention": lambda v: v is False or (isinstance(v, (list, tuple)) and not any(v)),
@@ -172,6 +171,8 @@ _RES = [("in_norm", "norm1"), ("in_conv", "conv1"), ("emb_proj", "time_emb_proj"
         ("out_norm", "norm2"), ("out_conv", "conv2"), ("skip", "conv_shortcut")]
 _ATTN = [("norm", ["group_norm"]), ("qkv", ["to_q", "to_k", "to_v"]),
          ("context_kv", ["add_k_proj", "add_v_proj"]), ("proj_out", ["to_out.0"])]
+_TOP = [("time_embed.linear_1", "time_embedding.linear_1"), ("time_embed.linear_2", "time_embedding.linear_2"),
+        ("conv_in", "conv_in"), ("out_norm", "conv_norm_out"), ("out_conv", "conv_out")]
 
 
 def _linear_map(m: dict, pairs, ours: str, theirs: str, expected) -> None:
@@ -184,43 +185,43 @@ def _linear_map(m: dict, pairs, ours: str, theirs: str, expected) -> None:
                 m[key] = [".".join(filter(None, (theirs, s, p))) for s in srcs]
 
 
+def _unet_layers(cfg: UNetConfig) -> dict[str, str]:
+    """Our UNet's layers (`<blocks>.<step>.<layer>`) -> the diffusers module behind each one."""
+    n, L = len(cfg.channels), cfg.layers_per_block
+    inputs, outputs = [], []
+    for level in range(n):
+        b = f"down_blocks.{level}"
+        for j in range(L):
+            inputs.append([f"{b}.resnets.{j}"] + ([f"{b}.attentions.{j}"] if cfg.attention[level] else []))
+        if level < n - 1:
+            inputs.append([f"{b}.downsamplers.0"])
+    mid_attn = ["mid_block.attentions.0"] if cfg.mid_attention else []
+    middle = ["mid_block.resnets.0", *mid_attn, "mid_block.resnets.1"]
+    for k in range(n):  # diffusers numbers up_blocks from the deepest level
+        b, level = f"up_blocks.{k}", n - 1 - k
+        for j in range(L + 1):
+            outputs.append([f"{b}.resnets.{j}"] + ([f"{b}.attentions.{j}"] if cfg.attention[level] else []))
+        if level > 0:
+            outputs[-1].append(f"{b}.upsamplers.0")
+    layers = {f"middle_block.{i}": theirs for i, theirs in enumerate(middle)}
+    for name, steps in (("input_blocks", inputs), ("output_blocks", outputs)):
+        layers.update({f"{name}.{s}.{i}": theirs for s, step in enumerate(steps) for i, theirs in enumerate(step)})
+    return layers
+
+
 def _unet_key_map(cfg: UNetConfig, expected) -> dict[str, list[str]]:
     """Our key -> the diffusers key(s) it is made of (several are concatenated on dim 0)."""
     m: dict[str, list[str]] = {}
-    top = [("time_embed.linear_1", "time_embedding.linear_1"), ("time_embed.linear_2", "time_embedding.linear_2"),
-           ("conv_in", "conv_in"), ("out_norm", "conv_norm_out"), ("out_conv", "conv_out")]
-    _linear_map(m, top, "", "", expected)
-
-    def step(ours: str, res: str, attn: str | None):
-        _linear_map(m, _RES, f"{ours}.0", res, expected)
-        if attn is not None:
-            _linear_map(m, _ATTN, f"{ours}.1", attn, expected)
-
-    n, L, i = len(cfg.channels), cfg.layers_per_block, 0
-    for level in range(n):
-        for j in range(L):
-            theirs = f"down_blocks.{level}"
-            step(f"input_blocks.{i}", f"{theirs}.resnets.{j}", f"{theirs}.attentions.{j}" if cfg.attention[level] else None)
-            i += 1
-        if level < n - 1:
-            step(f"input_blocks.{i}", f"down_blocks.{level}.downsamplers.0", None)
-            i += 1
-    step("middle_block", "mid_block.resnets.0", "mid_block.attentions.0" if cfg.mid_attention else None)
-    _linear_map(m, _RES, f"middle_block.{2 if cfg.mid_attention else 1}", "mid_block.resnets.1", expected)
-    i = 0
-    for k in range(n):
-        level, theirs = n - 1 - k, f"up_blocks.{k}"
-        for j in range(L + 1):
-            step(f"output_blocks.{i}", f"{theirs}.resnets.{j}", f"{theirs}.attentions.{j}" if cfg.attention[level] else None)
-            if level > 0 and j == L:
-                _linear_map(m, _RES, f"output_blocks.{i}.{2 if cfg.attention[level] else 1}", f"{theirs}.upsamplers.0", expected)
-            i += 1
+    _linear_map(m, _TOP, "", "", expected)
+    for ours, theirs in _unet_layers(cfg).items():
+        _linear_map(m, _ATTN if ".attentions." in theirs else _RES, ours, theirs, expected)
     return m
 
 
 def _convert(state: dict, expected: dict, key_map: dict[str, list[str]], what: str) -> dict[str, torch.Tensor]:
     """Apply a key map: every source used exactly once, every result of our shape."""
-    assert set(key_map) == set(expected), f"{what} key map out of date: {sorted(set(expected) ^ set(key_map))[:8]}"
+    stale = sorted(set(expected) ^ set(key_map))
+    assert not stale, f"{what} key map out of date with our model: {stale[:8]}"
     sources = [s for srcs in key_map.values() for s in srcs]
     missing = sorted(s for s in sources if s not in state)
     unused = sorted(set(state) - set(sources))
@@ -310,7 +311,7 @@ def decoder_config_from_diffusers(
         raise ValueError(f"diffusers text_proj config: unknown field(s) {unknown}")
     c = {**_TEXT_PROJ_DEFAULTS, **{k: v for k, v in text_proj_config.items() if not k.startswith("_")}}
     if unet.context_dim is None or not unet.add_embed:
-        raise ValueError("diffusers decoder config: the decoder needs cross_attention_dim and class_embed_type='identity'")
+        raise ValueError("diffusers decoder config: needs cross_attention_dim and class_embed_type='identity'")
     for name, ours in (("time_embed_dim", unet.time_embed_dim), ("cross_attention_dim", unet.context_dim)):
         if c[name] != ours:
             raise ValueError(f"diffusers text_proj config: {name}={c[name]!r} does not match the decoder's {ours}")
