@@ -76,9 +76,9 @@ def _describe_model_set(path: Path) -> list[str]:
 
 
 def _count_params(weights: Path) -> int:
-    from unclip_cli.io import _safetensors_header
+    from unclip_cli.io import read_safetensors_header
 
-    header = _safetensors_header(weights.read_bytes(), str(weights))
+    header = read_safetensors_header(weights)
     total = 0
     for key, v in header.items():
         if key == "__metadata__":

@@ -133,6 +133,25 @@ def _safetensors_header(data: bytes, name: str) -> dict:
     return header
 
 
+def read_safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a safetensors file (names, dtypes, shapes, metadata) without reading the tensors."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path}: truncated safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise UserError(f"{path}: not a safetensors file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{path}: not a safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (bad header)")
+    return header
+
+
 def load_safetensors_bytes(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Parse safetensors bytes into (tensors, metadata); any damage is a UserError."""
     from safetensors.torch import load

@@ -313,8 +313,10 @@ def init_model_set(out: Path, preset: str, seed: int = 0, name: str | None = Non
         write_clip_dir(tmp / "clip", TINY_CLIP_CONFIG, DEFAULT_PREPROCESS_CFG, seed=seed)
         configs = PRESETS[preset]["configs"](TINY_CLIP_CONFIG["embed_dim"], TINY_CLIP_CONFIG["text_cfg"]["width"])
         for i, (component, cfg) in enumerate(configs.items()):
-            torch.manual_seed(seed * 1000 + i + 1)
-            save_component(tmp, component, cfg, build_component(component, cfg))
+            with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+                torch.manual_seed(seed * 1000 + i + 1)
+                module = build_component(component, cfg)
+            save_component(tmp, component, cfg, module)
         write_manifest(
             tmp, name or f"{preset}-random", ["clip", *configs], clip_name=f"{preset}-clip",
             sampling=PRESETS[preset]["sampling"], preset=preset, seed=seed,

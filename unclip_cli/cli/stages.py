@@ -1,144 +1,18 @@
-"""Typer commands only: parse options, call a stage, hand results to io."""
+"""The pipeline stage commands: encode-text, encode-image, prior, decode, upsample, slerp, interpolate, generate, info."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sys
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
 
-from unclip_cli.errors import UserError
-
-
-class _Group(TyperGroup):
-    """Turns a UserError anywhere below into one line on stderr and exit status 1."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as e:
-            typer.echo(f"unclip: error: {e}", err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("unclip: interrupted", err=True)
-            raise typer.Exit(130) from None
-
-
-app = typer.Typer(
-    cls=_Group,
-    help="unCLIP (DALL-E 2) as Unix-style stages: encode-text | prior | decode | upsample | upsample.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+from unclip_cli.cli.common import (
+    DeviceOpt, GuidanceOpt, ModelOpt, OutputOpt, QuietOpt, SeedOpt, StepsOpt,
+    resolve_device, make_generator, null_text, open_model_set, check_min, progress, read_prompts, stage_meta, app,
 )
-model_app = typer.Typer(cls=_Group, help="Create and inspect model sets.", no_args_is_help=True)
-app.add_typer(model_app, name="model")
-
-# ---------------------------------------------------------------------- shared options
-
-ModelOpt = Annotated[
-    Optional[str], typer.Option("--model", "-m", help="Model-set folder (default: $UNCLIP_MODEL, else the shipped set).")
-]
-OutputOpt = Annotated[
-    Optional[str], typer.Option("--output", "-o", help="Output file ('-' or omitted with a pipe: stdout).")
-]
-DeviceOpt = Annotated[
-    Optional[str], typer.Option("--device", help="torch device (default: $UNCLIP_DEVICE, else cuda if available, else cpu).")
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed (default: a fresh one, recorded in the output).")]
-StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (default: the model set's).")]
-GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", "-g", help="Classifier-free guidance scale (default: the model set's).")]
-
-
-def _device(option: str | None):
-    import torch
-
-    name = option or os.environ.get("UNCLIP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA device is available")
-    return device
-
-
-def _generator(seed: int | None):
-    """One CPU generator per run: the same seed gives the same noise on any device."""
-    import torch
-
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-    if seed < 0:
-        raise UserError("--seed must be >= 0")
-    return torch.Generator("cpu").manual_seed(seed), seed
-
-
-def _positive(name: str, value: int | None, minimum: int = 1) -> None:
-    if value is not None and value < minimum:
-        raise UserError(f"{name} must be >= {minimum}")
-
-
-@contextlib.contextmanager
-def _progress(label: str, quiet: bool) -> Iterator:
-    """A rich progress bar on stderr; yields a sampler callback(i, n)."""
-    if quiet:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True, disable=not console.is_terminal,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-
-        def callback(i: int, n: int) -> None:
-            bar.update(task, completed=i + 1, total=n)
-
-        yield callback
-
-
-def _open(model: str | None):
-    from unclip_cli.modelset import ModelSet
-
-    return ModelSet.open(model)
-
-
-def _null_text(ms, device):
-    """The empty prompt's conditioning (the unconditional branch of guidance)."""
-    from unclip_cli.stages.conditioning import TextCond
-
-    clip = ms.load("clip", device)
-    return TextCond(*clip.encode_text([""]))
-
-
-def _stage_meta(ms, **extra) -> dict[str, str]:
-    meta = {"clip": ms.clip_identity, "clip_dim": str(ms.clip_dim), "model": ms.name}
-    for k, v in extra.items():
-        if v is not None:
-            meta[k] = v if isinstance(v, str) else json.dumps(v)
-    return meta
-
-
-def _read_prompts(prompts: list[str] | None) -> list[str]:
-    if prompts:
-        return list(prompts)
-    if sys.stdin.isatty():
-        raise UserError("no prompt given: pass PROMPT arguments or pipe lines into stdin")
-    lines = [ln.strip() for ln in sys.stdin.read().splitlines()]
-    lines = [ln for ln in lines if ln]
-    if not lines:
-        raise UserError("empty stdin: expected one prompt per line")
-    return lines
+from unclip_cli.errors import UserError
 
 
 # ---------------------------------------------------------------------- stages
@@ -155,12 +29,12 @@ def encode_text(
     from unclip_cli.io import StageFile, stdout_target, write_stage
     from unclip_cli.stages.conditioning import TextCond
 
-    texts = _read_prompts(prompts)
+    texts = read_prompts(prompts)
     target = stdout_target(output)
-    ms = _open(model)
-    clip = ms.load("clip", _device(device))
+    ms = open_model_set(model)
+    clip = ms.load("clip", resolve_device(device))
     cond = TextCond(*clip.encode_text(texts))
-    write_stage(StageFile("text", cond.tensors(), _stage_meta(ms, prompts=texts)), target)
+    write_stage(StageFile("text", cond.tensors(), stage_meta(ms, prompts=texts)), target)
 
 
 @app.command("encode-image")
@@ -175,10 +49,10 @@ def encode_image(
 
     items = read_images(images)
     target = stdout_target(output)
-    ms = _open(model)
-    clip = ms.load("clip", _device(device))
+    ms = open_model_set(model)
+    clip = ms.load("clip", resolve_device(device))
     embed = clip.encode_image([img for img, _ in items])
-    meta = _stage_meta(ms, images=[name for _, name in items])
+    meta = stage_meta(ms, images=[name for _, name in items])
     write_stage(StageFile("image", {"image_embed": embed}, meta), target)
 
 
@@ -198,26 +72,26 @@ def prior(
     from unclip_cli.stages.conditioning import TextCond
     from unclip_cli.stages.prior import run_prior
 
-    _positive("--steps", steps, 2)
+    check_min("--steps", steps, 2)
     stage = read_stage(source, "a text conditioning file (from encode-text)")
     if stage.kind != "text":
         raise UserError(f"prior reads text conditioning (from encode-text), got a {stage.kind} file")
     target = stdout_target(output)
-    ms = _open(model)
+    ms = open_model_set(model)
     cond = TextCond.from_tensors(stage.tensors)
     if cond is None:
         raise UserError("text conditioning file lacks text_hidden / text_mask")
     ms.check_clip(stage.clip, cond.embed.shape[-1], source or "<stdin>")
-    dev = _device(device)
+    dev = resolve_device(device)
     settings = ms.sampling("prior")
     steps = steps or settings["steps"]
     guidance = settings["guidance"] if guidance is None else guidance
     net = ms.load("prior", dev)
-    gen, seed = _generator(seed)
-    with _progress("prior", quiet) as cb:
-        embed = run_prior(net, cond, _null_text(ms, dev), steps=steps, guidance=guidance, generator=gen, callback=cb)
+    gen, seed = make_generator(seed)
+    with progress("prior", quiet) as cb:
+        embed = run_prior(net, cond, null_text(ms, dev), steps=steps, guidance=guidance, generator=gen, callback=cb)
     meta = dict(stage.meta)
-    meta.update(_stage_meta(ms, seed=seed, prior_steps=steps, prior_guidance=guidance))
+    meta.update(stage_meta(ms, seed=seed, prior_steps=steps, prior_guidance=guidance))
     write_stage(StageFile("image", {"image_embed": embed, **cond.tensors()}, meta), target)
 
 
@@ -238,25 +112,25 @@ def decode(
     from unclip_cli.stages.conditioning import TextCond
     from unclip_cli.stages.decode import run_decoder
 
-    _positive("--steps", steps, 2)
+    check_min("--steps", steps, 2)
     if eta is not None and eta < 0:
         raise UserError("--eta must be >= 0")
     stage = read_stage(source, "an image-embedding file")
     if stage.kind == "text":
         raise UserError("decode reads image embeddings: run `unclip prior` on text conditioning first")
     target = stdout_target(output)
-    ms = _open(model)
+    ms = open_model_set(model)
     embed = stage.tensors["image_embed"].float()
     ms.check_clip(stage.clip, embed.shape[-1], source or "<stdin>")
-    dev = _device(device)
-    null = _null_text(ms, dev)
+    dev = resolve_device(device)
+    null = null_text(ms, dev)
     cond = TextCond.from_tensors(stage.tensors) or null.expand(embed.shape[0])
     settings = ms.sampling("decoder")
     steps = steps or settings["steps"]
     guidance = settings["guidance"] if guidance is None else guidance
     net = ms.load("decoder", dev)
-    gen, seed = _generator(seed)
-    with _progress("decoder", quiet) as cb:
+    gen, seed = make_generator(seed)
+    with progress("decoder", quiet) as cb:
         images = run_decoder(
             net, embed, cond, null, steps=steps, guidance=guidance, generator=gen, eta=eta, callback=cb
         )
@@ -277,24 +151,24 @@ def upsample(
     from unclip_cli.io import images_to_tensor, read_images, stdout_target, tensor_to_images, write_images
     from unclip_cli.stages.upsample import run_upsampler
 
-    _positive("--steps", steps, 2)
+    check_min("--steps", steps, 2)
     items = read_images([source] if source else None, "a 64px or 256px PNG")
     target = stdout_target(output)
     sizes = {img.size for img, _ in items}
     if len(sizes) != 1:
         raise UserError(f"images of different sizes {sorted(sizes)}: upsample one size at a time")
     (w, h), = sizes
-    ms = _open(model)
+    ms = open_model_set(model)
     component = {64: "upsampler-256", 256: "upsampler-1024"}.get(w) if w == h else None
     if component is None:
         raise UserError(f"{items[0][1]}: a {w}x{h} image; upsample takes 64x64 (to 256) or 256x256 (to 1024)")
-    dev = _device(device)
+    dev = resolve_device(device)
     net = ms.load(component, dev)
     if net.cfg.low_res != w:
         raise UserError(f"{component} of {ms.name!r} takes {net.cfg.low_res}px input, got {w}px")
     steps = steps or ms.sampling(component)["steps"]
-    gen, seed = _generator(seed)
-    with _progress(component, quiet) as cb:
+    gen, seed = make_generator(seed)
+    with progress(component, quiet) as cb:
         images = run_upsampler(net, images_to_tensor([img for img, _ in items]), steps=steps, generator=gen, callback=cb)
     write_images(tensor_to_images(images), target)
 
@@ -382,23 +256,23 @@ def interpolate(
 
     if frames < 2:
         raise UserError("-n must be >= 2")
-    _positive("--steps", steps, 2)
+    check_min("--steps", steps, 2)
     if eta < 0:
         raise UserError("--eta must be >= 0")
     kind = _frames_kind(output)
     target = stdout_target(output) if kind == "strip" else output
-    ms = _open(model)
-    dev = _device(device)
+    ms = open_model_set(model)
+    dev = resolve_device(device)
     ea, eb = _embedding_of(a, ms, dev), _embedding_of(b, ms, dev)
     ts = [i / (frames - 1) for i in range(frames)]
     embeds = torch.cat([slerp(ea, eb, t) for t in ts])  # (N, D)
-    null = _null_text(ms, dev)
+    null = null_text(ms, dev)
     settings = ms.sampling("decoder")
     net = ms.load("decoder", dev)
-    gen, seed = _generator(seed)
+    gen, seed = make_generator(seed)
     size = net.cfg.unet.sample_size
     x_T = draw_noise((1, net.cfg.unet.in_channels, size, size), gen, dev).expand(frames, -1, -1, -1)
-    with _progress("interpolate", quiet) as cb:
+    with progress("interpolate", quiet) as cb:
         images = run_decoder(
             net, embeds, null.expand(frames), null, steps=steps or settings["steps"],
             guidance=settings["guidance"] if guidance is None else guidance, generator=gen, eta=eta, x_T=x_T, callback=cb,
@@ -464,35 +338,35 @@ def generate(
     if size not in (64, 256, 1024):
         raise UserError("--size must be 64, 256 or 1024")
     for name, v in (("--prior-steps", prior_steps), ("--decoder-steps", decoder_steps), ("--upsampler-steps", upsampler_steps)):
-        _positive(name, v, 2)
+        check_min(name, v, 2)
     if not prompts:
         raise UserError("no prompt given")
     target = stdout_target(output)
-    ms = _open(model)
+    ms = open_model_set(model)
     needed = ["clip", "prior", "decoder"] + ["upsampler-256"] * (size >= 256) + ["upsampler-1024"] * (size == 1024)
     for component in needed:
         ms.require(component)
-    dev = _device(device)
+    dev = resolve_device(device)
     p_set, d_set = ms.sampling("prior"), ms.sampling("decoder")
     pg = p_set["guidance"] if prior_guidance is None else prior_guidance
     dg = d_set["guidance"] if decoder_guidance is None else decoder_guidance
     clip = ms.load("clip", dev)
     cond = TextCond(*clip.encode_text(list(prompts)))
     null = TextCond(*clip.encode_text([""]))
-    gen, seed = _generator(seed)
+    gen, seed = make_generator(seed)
     guided = pg > 1.0 or dg > 1.0  # diffusers guides both stages when either scale is > 1
-    with _progress("prior", quiet) as cb:
+    with progress("prior", quiet) as cb:
         embed = run_prior(
             ms.load("prior", dev), cond, null, steps=prior_steps or p_set["steps"], guidance=pg,
             generator=gen, guided=guided, callback=cb,
         )
-    with _progress("decoder", quiet) as cb:
+    with progress("decoder", quiet) as cb:
         image = run_decoder(
             ms.load("decoder", dev), embed, cond, null, steps=decoder_steps or d_set["steps"], guidance=dg,
             generator=gen, guided=guided, callback=cb,
         )
     for component in needed[3:]:
-        with _progress(component, quiet) as cb:
+        with progress(component, quiet) as cb:
             image = run_upsampler(
                 ms.load(component, dev), image, steps=upsampler_steps or ms.sampling(component)["steps"],
                 generator=gen, callback=cb,
@@ -509,26 +383,3 @@ def info(path: Annotated[str, typer.Argument(help="A stage file, .npy, image, or
         typer.echo(line)
 
 
-# ---------------------------------------------------------------------- model sets
-
-
-@model_app.command("init")
-def model_init(
-    output: Annotated[str, typer.Option("--output", "-o", help="Folder to create.")],
-    preset: Annotated[str, typer.Option(help="Named preset (tiny).")] = "tiny",
-    seed: Annotated[int, typer.Option(help="Initialization seed.")] = 0,
-    name: Annotated[Optional[str], typer.Option(help="Model-set name (default: PRESET-random).")] = None,
-) -> None:
-    """Write a randomly initialized model set from a preset (training starts from it; tests use it)."""
-    from unclip_cli.modelset import init_model_set
-
-    init_model_set(Path(output), preset, seed=seed, name=name)
-    typer.echo(f"wrote {preset} model set to {output}", err=True)
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

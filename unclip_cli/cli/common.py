@@ -1,0 +1,142 @@
+"""What every command shares: the app, the error boundary, common options and small helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from typing import Annotated, Iterator, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from unclip_cli.errors import UserError
+
+
+class _Group(TyperGroup):
+    """Turns a UserError anywhere below into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            typer.echo(f"unclip: error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("unclip: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    help="unCLIP (DALL-E 2) as Unix-style stages: encode-text | prior | decode | upsample | upsample.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(cls=_Group, help="Create, import and inspect model sets.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+# ---------------------------------------------------------------------- shared options
+
+ModelOpt = Annotated[
+    Optional[str], typer.Option("--model", "-m", help="Model-set folder (default: $UNCLIP_MODEL, else the shipped set).")
+]
+OutputOpt = Annotated[
+    Optional[str], typer.Option("--output", "-o", help="Output file ('-' or omitted with a pipe: stdout).")
+]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="torch device (default: $UNCLIP_DEVICE, else cuda if available, else cpu).")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed (default: a fresh one, recorded in the output).")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (default: the model set's).")]
+GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", "-g", help="Classifier-free guidance scale (default: the model set's).")]
+
+
+def resolve_device(option: str | None):
+    import torch
+
+    name = option or os.environ.get("UNCLIP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is available")
+    return device
+
+
+def make_generator(seed: int | None):
+    """One CPU generator per run: the same seed gives the same noise on any device."""
+    import torch
+
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    if seed < 0:
+        raise UserError("--seed must be >= 0")
+    return torch.Generator("cpu").manual_seed(seed), seed
+
+
+def check_min(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise UserError(f"{name} must be >= {minimum}")
+
+
+@contextlib.contextmanager
+def progress(label: str, quiet: bool) -> Iterator:
+    """A rich progress bar on stderr; yields a sampler callback(i, n)."""
+    if quiet:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True, disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def callback(i: int, n: int) -> None:
+            bar.update(task, completed=i + 1, total=n)
+
+        yield callback
+
+
+def open_model_set(model: str | None):
+    from unclip_cli.modelset import ModelSet
+
+    return ModelSet.open(model)
+
+
+def null_text(ms, device):
+    """The empty prompt's conditioning (the unconditional branch of guidance)."""
+    from unclip_cli.stages.conditioning import TextCond
+
+    clip = ms.load("clip", device)
+    return TextCond(*clip.encode_text([""]))
+
+
+def stage_meta(ms, **extra) -> dict[str, str]:
+    meta = {"clip": ms.clip_identity, "clip_dim": str(ms.clip_dim), "model": ms.name}
+    for k, v in extra.items():
+        if v is not None:
+            meta[k] = v if isinstance(v, str) else json.dumps(v)
+    return meta
+
+
+def read_prompts(prompts: list[str] | None) -> list[str]:
+    if prompts:
+        return list(prompts)
+    if sys.stdin.isatty():
+        raise UserError("no prompt given: pass PROMPT arguments or pipe lines into stdin")
+    lines = [ln.strip() for ln in sys.stdin.read().splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise UserError("empty stdin: expected one prompt per line")
+    return lines
+
+
