@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +48,10 @@ ENV_VAR = "UNCLIP_MODEL"
 
 
 def shipped_weights_dirs() -> list[Path]:
-    """Where shipped model sets live: the source tree (editable installs) and the install prefix."""
+    """Where shipped model sets live: weights/ in the source tree (editable installs), or
+    unclip_cli/weights inside a regular install (pyproject maps weights/ there)."""
     here = Path(__file__).resolve().parent
-    return [here.parent / "weights", Path(sys.prefix) / "share" / "unclip" / "weights"]
+    return [here.parent / "weights", here / "weights"]
 
 
 def default_model_dir() -> Path | None:
