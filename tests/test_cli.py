@@ -294,3 +294,22 @@ def test_shell_pipe_and_terminal_refusal(tiny_set, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "unclip_cli", "decode", str(tmp_path / "out.png")],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_binary_output_refuses_a_terminal(monkeypatch):
+    from unclip_cli import io as uio
+    from unclip_cli.errors import UserError
+
+    class Tty:
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(uio.sys, "stdout", Tty())
+    with pytest.raises(UserError, match="terminal"):
+        uio.stdout_target(None)
+    assert uio.stdout_target("x.png") == "x.png"
+
+
+def test_info_writes_to_file(cli, tiny_set, tmp_path):
+    ok(cli("info", tiny_set, "-o", tmp_path / "info.txt"))
+    assert "upsampler-256" in (tmp_path / "info.txt").read_text()

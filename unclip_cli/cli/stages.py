@@ -375,11 +375,18 @@ def generate(
 
 
 @app.command("info")
-def info(path: Annotated[str, typer.Argument(help="A stage file, .npy, image, or model-set folder.")]) -> None:
-    """Print a human-readable summary of a stage file or model set."""
+def info(
+    path: Annotated[str, typer.Argument(help="A stage file, .npy, image, or model-set folder ('-': stdin).")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the summary to a file.")] = None,
+) -> None:
+    """Print a human-readable summary of a stage file, image or model set."""
     from unclip_cli.info import describe
+    from unclip_cli.io import emit
 
-    for line in describe(path):
-        typer.echo(line)
+    text = "\n".join(describe(path)) + "\n"
+    if output is None or output == "-":
+        typer.echo(text, nl=False)
+    else:
+        emit(text.encode(), output)
 
 
