@@ -28,6 +28,11 @@ STAGE_FORMAT = "unclip-stage"
 STAGE_VERSION = "1"
 NPY_MAGIC = b"\x93NUMPY"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Private PNG chunk (ancillary, private, unsafe to copy) holding a safetensors blob of what the next
+# stage needs to continue exactly as one pipeline run: the float image behind the 8-bit pixels and
+# the random generator's state. Viewers ignore it; read back into `img.info[CARRY_KEY]`.
+CARRY_CHUNK = b"unCL"
+CARRY_KEY = "unclip_carry"
 # Tensor that a bare .npy stands for, per stage-file kind.
 MAIN_TENSOR = {"text": "text_embed", "image": "image_embed", "latent": "image_embed"}
 
@@ -95,6 +100,9 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         raise UserError(f"{path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -199,6 +207,11 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], meta: dict[st
 def read_stage(source: str | None, what: str = "a stage file") -> StageFile:
     """Read a stage file (safetensors) or a bare .npy embedding from a path or stdin."""
     data, name = read_input(source, what)
+    return parse_stage(data, name, what)
+
+
+def parse_stage(data: bytes, name: str, what: str = "a stage file") -> StageFile:
+    """A stage file (safetensors) or bare .npy embedding from bytes already read (see read_stage)."""
     if data.startswith(NPY_MAGIC):
         return _read_npy(data, name)
     if data.startswith(PNG_MAGIC) or data[:3] == b"\xff\xd8\xff":
@@ -214,6 +227,10 @@ def read_stage(source: str | None, what: str = "a stage file") -> StageFile:
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise UserError(f"{name}: tensor {key} contains NaN or infinity")
+    if kind == "latent":  # (z_i, x_T): x_T is one (C, H, W) noise image per embedding
+        noise = tensors.get("noise")
+        if noise is None or noise.ndim != 4 or noise.shape[0] != tensors["image_embed"].shape[0]:
+            raise UserError(f"{name}: latent file without a (B, C, H, W) noise tensor matching its image_embed")
     return StageFile(kind=kind, tensors=tensors, meta=meta)
 
 
@@ -283,7 +300,10 @@ def decode_image(data: bytes, name: str) -> Image.Image:
 
 
 def read_images(sources: list[str] | None, what: str = "an image") -> list[tuple[Image.Image, str]]:
-    """Images from paths, or from stdin (one or several concatenated PNGs). Returns (image, name) pairs."""
+    """Images from paths, or from stdin (one or several concatenated PNGs). Returns (image, name) pairs.
+
+    A PNG's CARRY_CHUNK tensors, if any, are in `img.info[CARRY_KEY]`.
+    """
     items = []
     for source in sources or [None]:
         data, name = read_input(source, what)
@@ -291,8 +311,50 @@ def read_images(sources: list[str] | None, what: str = "an image") -> list[tuple
             raise UserError(f"{name}: is a .npy array, expected {what}")
         parts = split_pngs(data, name)
         for i, part in enumerate(parts):
-            items.append((decode_image(part, name if len(parts) == 1 else f"{name}[{i}]"), name))
+            img = decode_image(part, name if len(parts) == 1 else f"{name}[{i}]")
+            carry = _png_carry(part)
+            if carry is not None:
+                img.info[CARRY_KEY] = carry
+            items.append((img, name))
     return items
+
+
+def _png_carry(data: bytes) -> dict[str, torch.Tensor] | None:
+    """The tensors of a PNG's CARRY_CHUNK (written before IDAT), or None if absent or damaged."""
+    if not data.startswith(PNG_MAGIC):
+        return None
+    p = 8
+    while p + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[p : p + 4])
+        ctype = data[p + 4 : p + 8]
+        if ctype == CARRY_CHUNK:
+            try:
+                return load_safetensors_bytes(data[p + 8 : p + 8 + length], "carry chunk")[0]
+            except UserError:
+                return None  # damaged: the pixels are all there is
+        if ctype in (b"IDAT", b"IEND"):
+            return None
+        p += 12 + length
+    return None
+
+
+def carried(images: list[Image.Image], key: str) -> list[torch.Tensor] | None:
+    """The tensor `key` carried by every image (see CARRY_CHUNK), or None if any image lacks it."""
+    found = [img.info.get(CARRY_KEY, {}).get(key) for img in images]
+    return None if any(t is None for t in found) else found
+
+
+def exact_images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """images_to_tensor, but with the carried float values where every image has them and they still
+    round to its pixels (a PNG straight from `decode`): what the stage that wrote them computed."""
+    floats = carried(images, "image")
+    if floats is not None and all(
+        f.dtype == torch.float32 and tuple(f.shape) == (3, img.height, img.width) for f, img in zip(floats, images)
+    ):
+        x = torch.stack(floats)  # (B, 3, H, W)
+        if all(np.array_equal(np.asarray(a), np.asarray(b.convert("RGB"))) for a, b in zip(tensor_to_images(x), images)):
+            return x
+    return images_to_tensor(images)
 
 
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
@@ -308,9 +370,16 @@ def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def png_bytes(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image, carry: dict[str, torch.Tensor] | None = None) -> bytes:
+    """PNG bytes; `carry` tensors go into a CARRY_CHUNK."""
+    from PIL.PngImagePlugin import PngInfo
+
     buf = _io.BytesIO()
-    img.save(buf, format="PNG")
+    info = None
+    if carry:
+        info = PngInfo()
+        info.add(CARRY_CHUNK, safetensors_bytes(carry, {"format": "unclip-carry"}))
+    img.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
@@ -320,14 +389,20 @@ def numbered(output: str, i: int) -> str:
     return str(p.with_name(f"{p.stem}-{i}{p.suffix}"))
 
 
-def write_images(images: list[Image.Image], output: str | None) -> list[str]:
-    """One image -> output; several -> out-0.png, out-1.png...; stdout gets the PNGs back to back."""
+def write_images(
+    images: list[Image.Image], output: str | None, carry: list[dict[str, torch.Tensor]] | None = None
+) -> list[str]:
+    """One image -> output; several -> out-0.png, out-1.png...; stdout gets the PNGs back to back.
+
+    carry: per image, tensors for a CARRY_CHUNK (see there).
+    """
+    carry = carry or [None] * len(images)
     if output is None:
-        emit(b"".join(png_bytes(img) for img in images), None)
+        emit(b"".join(png_bytes(img, c) for img, c in zip(images, carry)), None)
         return ["<stdout>"]
     if Path(output).suffix.lower() not in (".png", ""):
         raise UserError(f"{output}: images are written as PNG; use a .png name")
     paths = [output] if len(images) == 1 else [numbered(output, i) for i in range(len(images))]
-    for img, path in zip(images, paths):
-        emit(png_bytes(img), path)
+    for img, c, path in zip(images, carry, paths):
+        emit(png_bytes(img, c), path)
     return paths

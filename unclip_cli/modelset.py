@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from unclip_cli.errors import UserError
-from unclip_cli.io import atomic_write, load_state_dict, save_weights
+from unclip_cli.io import atomic_write, load_state_dict, read_safetensors_header, save_weights
 from unclip_cli.models.configs import (
     DecoderConfig,
     PriorConfig,
@@ -85,9 +86,18 @@ def resolve_model_dir(option: str | None) -> Path:
 
 
 def clip_identity(clip_dir: Path, name: str) -> str:
-    """A CLIP's identity: its name and the hash of its weights, so stage files can't be mixed across CLIPs."""
-    h = hashlib.sha256()
-    with open(clip_dir / "open_clip_model.safetensors", "rb") as f:
+    """A CLIP's identity: its name and the hash of its weights, so stage files can't be mixed across CLIPs.
+
+    The hash covers the tensors (names, dtypes, shapes, data), not the file's header: safetensors
+    writes the metadata in no fixed order, so the same weights saved twice differ in their bytes.
+    """
+    path = clip_dir / "open_clip_model.safetensors"
+    header = read_safetensors_header(path)
+    tensors = sorted((k, v["dtype"], v["shape"], v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+    h = hashlib.sha256(json.dumps(tensors).encode())
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n)
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return f"{name}@{h.hexdigest()[:16]}"
@@ -219,13 +229,14 @@ def build_component(component: str, cfg) -> torch.nn.Module:
     raise ValueError(f"unknown component {component}")
 
 
-def save_component(root: Path, component: str, cfg, module: torch.nn.Module) -> None:
-    """Write config.json + model.safetensors (config also in the weights' metadata)."""
+def save_component(root: Path, component: str, cfg, module: torch.nn.Module | dict[str, torch.Tensor]) -> None:
+    """Write config.json + model.safetensors (config also in the weights' metadata); module: a network or its state dict."""
     folder = root / component
     folder.mkdir(parents=True, exist_ok=True)
     cfg_dict = config_to_dict(cfg)
     atomic_write(folder / "config.json", (json.dumps(cfg_dict, indent=2) + "\n").encode())
-    state = {k: v.detach().float() for k, v in module.state_dict().items()}
+    state = module if isinstance(module, dict) else module.state_dict()
+    state = {k: v.detach().float() for k, v in state.items()}
     save_weights(folder / "model.safetensors", state, {"component": component, "config": json.dumps(cfg_dict)})
 
 
@@ -244,6 +255,7 @@ def write_manifest(root: Path, name: str, components: list[str], clip_name: str,
             "text_width": clip.text_width,
             "context_length": clip.context_length,
             "image_size": clip.image_size,
+            "vision": clip.has_vision,  # False: text-only CLIP (encode-image refuses)
         },
         "sampling": sampling,
         **extra,
@@ -254,14 +266,15 @@ def write_manifest(root: Path, name: str, components: list[str], clip_name: str,
 # ---------------------------------------------------------------------- presets
 
 
-def _tiny_configs(embed_dim: int, text_width: int) -> dict:
+def _tiny_configs(embed_dim: int, text_width: int, context_length: int = 77) -> dict:
     up = dict(
         in_channels=6, out_channels=3, layers_per_block=1, attention=(False, False), mid_attention=False,
         context_dim=None, add_embed=False, scale_shift=False,
     )
     return {
         "prior": PriorConfig(
-            embed_dim=embed_dim, text_width=text_width, num_text_tokens=77, width=64, num_layers=2, num_heads=4
+            embed_dim=embed_dim, text_width=text_width, num_text_tokens=context_length, width=64, num_layers=2,
+            num_heads=4,
         ),
         "decoder": DecoderConfig(
             unet=UNetConfig(
@@ -297,8 +310,12 @@ PRESETS = {
 }
 
 
-def init_model_set(out: Path, preset: str, seed: int = 0, name: str | None = None) -> None:
-    """Write a randomly initialized model set from a named preset (atomically: built aside, then renamed)."""
+def init_model_set(out: Path, preset: str, seed: int = 0, name: str | None = None, clip: str | None = None) -> None:
+    """Write a randomly initialized model set from a named preset (atomically: built aside, then renamed).
+
+    clip: an open_clip folder (`local-dir:PATH`, `PATH`, or a model set) to use instead of the
+    preset's random CLIP; the networks are sized to its embedding and text widths.
+    """
     from unclip_cli.models.clip import DEFAULT_PREPROCESS_CFG, TINY_CLIP_CONFIG, write_clip_dir
 
     if preset not in PRESETS:
@@ -310,15 +327,23 @@ def init_model_set(out: Path, preset: str, seed: int = 0, name: str | None = Non
         raise UserError(f"{parent}: folder does not exist")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
-        write_clip_dir(tmp / "clip", TINY_CLIP_CONFIG, DEFAULT_PREPROCESS_CFG, seed=seed)
-        configs = PRESETS[preset]["configs"](TINY_CLIP_CONFIG["embed_dim"], TINY_CLIP_CONFIG["text_cfg"]["width"])
+        if clip is None:
+            write_clip_dir(tmp / "clip", TINY_CLIP_CONFIG, DEFAULT_PREPROCESS_CFG, seed=seed)
+            clip_name, dims = f"{preset}-clip", (TINY_CLIP_CONFIG["embed_dim"], TINY_CLIP_CONFIG["text_cfg"]["width"], 77)
+        else:
+            from unclip_cli.convert.open_clip_dir import import_open_clip_dir, resolve_clip_source
+
+            source = resolve_clip_source(clip)
+            enc = import_open_clip_dir(source.folder, tmp / "clip")
+            clip_name, dims = source.name, (enc.embed_dim, enc.text_width, enc.context_length)
+        configs = PRESETS[preset]["configs"](*dims)
         for i, (component, cfg) in enumerate(configs.items()):
             with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
                 torch.manual_seed(seed * 1000 + i + 1)
                 module = build_component(component, cfg)
             save_component(tmp, component, cfg, module)
         write_manifest(
-            tmp, name or f"{preset}-random", ["clip", *configs], clip_name=f"{preset}-clip",
+            tmp, name or f"{preset}-random", ["clip", *configs], clip_name=clip_name,
             sampling=PRESETS[preset]["sampling"], preset=preset, seed=seed,
         )
         if out.exists():

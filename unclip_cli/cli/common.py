@@ -112,12 +112,15 @@ def open_model_set(model: str | None):
     return ModelSet.open(model)
 
 
-def null_text(ms, device):
-    """The empty prompt's conditioning (the unconditional branch of guidance)."""
+def null_text(ms, device, batch: int = 1):
+    """The empty prompt's conditioning (the unconditional branch of guidance), `batch` rows.
+
+    Encoded as a batch, as diffusers does: a batch of B can differ from one row in the last bits.
+    """
     from unclip_cli.stages.conditioning import TextCond
 
     clip = ms.load("clip", device)
-    return TextCond(*clip.encode_text([""]))
+    return TextCond(*clip.encode_text([""] * batch))
 
 
 def stage_meta(ms, **extra) -> dict[str, str]:

@@ -9,6 +9,14 @@ import typer
 
 from unclip_cli.cli.common import model_app
 
+ClipOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--clip",
+        help="Use this open_clip checkpoint folder as the set's CLIP: local-dir:PATH, PATH, or another model set.",
+    ),
+]
+
 
 # ---------------------------------------------------------------------- model sets
 
@@ -19,11 +27,27 @@ def model_init(
     preset: Annotated[str, typer.Option(help="Named preset (tiny).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Initialization seed.")] = 0,
     name: Annotated[Optional[str], typer.Option(help="Model-set name (default: PRESET-random).")] = None,
+    clip: ClipOpt = None,
 ) -> None:
     """Write a randomly initialized model set from a preset (training starts from it; tests use it)."""
     from unclip_cli.modelset import init_model_set
 
-    init_model_set(Path(output), preset, seed=seed, name=name)
+    init_model_set(Path(output), preset, seed=seed, name=name, clip=clip)
     typer.echo(f"wrote {preset} model set to {output}", err=True)
 
 
+@model_app.command("import")
+def model_import(
+    source: Annotated[str, typer.Argument(help="A local diffusers unCLIP snapshot (e.g. kakaobrain/karlo-v1-alpha).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder to create (must not exist, or be empty).")],
+    name: Annotated[Optional[str], typer.Option(help="Model-set name (default: the folder's name).")] = None,
+    clip: ClipOpt = None,
+) -> None:
+    """Convert a diffusers-format unCLIP snapshot (Karlo v1 alpha, or its image-variations sibling) into a model set."""
+    from unclip_cli.convert.diffusers import import_snapshot
+
+    def report(line: str) -> None:
+        typer.echo(f"unclip: {line}", err=True)
+
+    manifest = import_snapshot(Path(source), Path(output), name=name, clip=clip, report=report)
+    typer.echo(f"wrote model set {manifest['name']!r} ({', '.join(manifest['components'])}) to {output}", err=True)

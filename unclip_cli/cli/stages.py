@@ -123,8 +123,8 @@ def decode(
     embed = stage.tensors["image_embed"].float()
     ms.check_clip(stage.clip, embed.shape[-1], source or "<stdin>")
     dev = resolve_device(device)
-    null = null_text(ms, dev)
-    cond = TextCond.from_tensors(stage.tensors) or null.expand(embed.shape[0])
+    null = null_text(ms, dev, embed.shape[0])
+    cond = TextCond.from_tensors(stage.tensors) or null
     settings = ms.sampling("decoder")
     steps = steps or settings["steps"]
     guidance = settings["guidance"] if guidance is None else guidance
@@ -134,7 +134,9 @@ def decode(
         images = run_decoder(
             net, embed, cond, null, steps=steps, guidance=guidance, generator=gen, eta=eta, callback=cb
         )
-    write_images(tensor_to_images(images), target)
+    # the exact floats and the generator's state ride along, so `decode | upsample` is one pipeline run
+    carry = [{"image": x.float().cpu(), "rng_state": gen.get_state()} for x in images]
+    write_images(tensor_to_images(images), target, carry=carry)
 
 
 @app.command("upsample")
@@ -147,8 +149,13 @@ def upsample(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Upsample 64px -> 256px or 256px -> 1024px (chosen by the input size)."""
-    from unclip_cli.io import images_to_tensor, read_images, stdout_target, tensor_to_images, write_images
+    """Upsample 64px -> 256px or 256px -> 1024px (chosen by the input size).
+
+    Without --seed, a PNG from `decode` (or `upsample`) continues that stage's random generator, and
+    its exact float values are used instead of the 8-bit pixels: `decode --seed S | upsample` draws
+    and computes what one pipeline run with seed S does.
+    """
+    from unclip_cli.io import carried, exact_images_to_tensor, read_images, stdout_target, tensor_to_images, write_images
     from unclip_cli.stages.upsample import run_upsampler
 
     check_min("--steps", steps, 2)
@@ -167,10 +174,27 @@ def upsample(
     if net.cfg.low_res != w:
         raise UserError(f"{component} of {ms.name!r} takes {net.cfg.low_res}px input, got {w}px")
     steps = steps or ms.sampling(component)["steps"]
-    gen, seed = make_generator(seed)
+    pils = [img for img, _ in items]
+    gen = _continued_generator(carried(pils, "rng_state")) if seed is None else None
+    if gen is None:
+        gen, seed = make_generator(seed)
     with progress(component, quiet) as cb:
-        images = run_upsampler(net, images_to_tensor([img for img, _ in items]), steps=steps, generator=gen, callback=cb)
-    write_images(tensor_to_images(images), target)
+        images = run_upsampler(net, exact_images_to_tensor(pils), steps=steps, generator=gen, callback=cb)
+    write_images(tensor_to_images(images), target, carry=[{"rng_state": gen.get_state()}] * len(images))
+
+
+def _continued_generator(states):
+    """A CPU generator in the state the images carry (all the same), else None."""
+    import torch
+
+    if not states or any(not torch.equal(s, states[0]) for s in states):
+        return None
+    gen = torch.Generator("cpu")
+    try:
+        gen.set_state(states[0])
+    except (RuntimeError, TypeError):
+        return None
+    return gen
 
 
 @app.command("slerp")
@@ -352,7 +376,7 @@ def generate(
     dg = d_set["guidance"] if decoder_guidance is None else decoder_guidance
     clip = ms.load("clip", dev)
     cond = TextCond(*clip.encode_text(list(prompts)))
-    null = TextCond(*clip.encode_text([""]))
+    null = TextCond(*clip.encode_text([""] * len(prompts)))  # batched as diffusers: the same last bits
     gen, seed = make_generator(seed)
     guided = pg > 1.0 or dg > 1.0  # diffusers guides both stages when either scale is > 1
     with progress("prior", quiet) as cb:

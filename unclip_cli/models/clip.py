@@ -11,7 +11,10 @@ What the Karlo / diffusers pipeline uses, and what this module returns:
   text_hidden  all token states after the final LayerNorm (HF `last_hidden_state`)
   mask         True from SOT up to and including EOT (HF `attention_mask` with pad "!" = id 0)
 The transformer runs with its causal mask only, no padding mask: as in HF CLIP, the causal mask
-already keeps the trailing pads out of every real token's state.
+already keeps the trailing pads out of every real token's state. For open_clip's standard blocks
+the text forward is written op for op as transformers' CLIPTextModelWithProjection (separate q/k/v
+products, SDPA with HF's causal mask, Linear projection), so that imported Karlo sets give
+diffusers' numbers to the last bit: the samplers amplify last-bit differences into pixels.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.transformer import TextTransformer, text_global_pool
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer, text_global_pool
 from PIL import Image
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
@@ -34,6 +38,9 @@ from ..io import save_weights
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
+# Top-level key of open_clip_config.json marking a placeholder vision tower (convert/diffusers_clip.py
+# writes one for snapshots without an image encoder); open_clip itself ignores it.
+VISION_PLACEHOLDER_KEY = "vision_placeholder"
 
 # A CLIP small enough to run in milliseconds, for tests and the tiny model set. All widths differ
 # (embedding 32, text 48, vision 64) so that no code can confuse them. quick_gelu as in OpenAI's
@@ -110,8 +117,9 @@ def _square_size(size) -> int:
 class ClipEncoder:
     """A frozen open_clip model with the text outputs unCLIP needs."""
 
-    def __init__(self, model: nn.Module, tokenizer, device: torch.device):
+    def __init__(self, model: nn.Module, tokenizer, device: torch.device, has_vision: bool = True):
         self.model = model.eval().requires_grad_(False)
+        self.has_vision = has_vision  # False: a placeholder vision tower (text-only CLIP)
         self.tokenizer = tokenizer
         self.device = device
         if isinstance(model, open_clip.CLIP):
@@ -154,9 +162,13 @@ class ClipEncoder:
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")) and not any(path.glob("*.pth")):
             raise UserError(f"{path}: CLIP weights missing")
         device = torch.device(device)
+        try:
+            placeholder = bool(json.loads((path / CONFIG_NAME).read_text()).get(VISION_PLACEHOLDER_KEY, False))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise UserError(f"{path / CONFIG_NAME}: not a valid open_clip config ({e})") from None
         model = _create(path, load_weights=True).to(device)
         tokenizer = open_clip.get_tokenizer("local-dir:" + str(path))
-        return cls(model, tokenizer, device)
+        return cls(model, tokenizer, device, has_vision=not placeholder)
 
     # ------------------------------------------------------------------ text
 
@@ -180,8 +192,11 @@ class ClipEncoder:
         ids, mask = self.tokenize(prompts)
         L = ids.shape[1]
         x = t.token_embedding(ids) + t.positional_embedding[:L]  # (B, L, W)
-        attn_mask = None if t.attn_mask is None else t.attn_mask[:L, :L]  # causal, additive -inf
-        x = t.transformer(x, attn_mask=attn_mask)
+        if t.attn_mask is not None and _hf_compatible(t.transformer):
+            x = _transformer_as_hf(t.transformer, x)
+        else:
+            attn_mask = None if t.attn_mask is None else t.attn_mask[:L, :L]  # causal, additive -inf
+            x = t.transformer(x, attn_mask=attn_mask)
         hidden = t.ln_final(x)  # (B, L, W)
         pooled = text_global_pool(hidden, ids, self._pool_type, eos_token_id=self._eos_id)  # (B, W)
         proj = t.text_projection
@@ -190,13 +205,18 @@ class ClipEncoder:
         elif isinstance(proj, nn.Linear):
             embed = proj(pooled)
         else:
-            embed = pooled @ proj  # (B, D)
+            embed = F.linear(pooled, proj.t().contiguous())  # (B, D) = pooled @ proj, as HF's Linear computes it
         return embed.float(), hidden.float(), mask
 
     # ------------------------------------------------------------------ images
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
-        """One image -> (3, S, S), as open_clip's eval transform (torchvision Resize + CenterCrop)."""
+        """One image -> (3, S, S), as transformers' CLIPImageProcessor (Karlo's feature extractor).
+
+        open_clip's eval transform does the same except the crop offset: torchvision's CenterCrop
+        rounds (w - s) / 2 half to even, CLIPImageProcessor floors it; they differ by one pixel when
+        w - s = 3 (mod 4). The floor is used so that imported Karlo sets match diffusers.
+        """
         s = self.image_size
         image = image.convert("RGB")
         if self.preprocess_cfg.get("resize_mode", "shortest") == "squash":
@@ -206,9 +226,10 @@ class ClipEncoder:
             size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)  # shortest side -> s
             image = image.resize(size, self._resample)
             w, h = image.size
-            left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+            left, top = (w - s) // 2, (h - s) // 2
             image = image.crop((left, top, left + s, top + s))
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)  # (3, S, S)
+        # x * (1/255) in float64, then float32, as transformers' rescale
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).double().mul(1 / 255).float()  # (3, S, S)
         return (x - self._mean) / self._std
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
@@ -218,4 +239,75 @@ class ClipEncoder:
     @torch.no_grad()
     def encode_image(self, images: list[Image.Image]) -> torch.Tensor:
         """(B, D) projected image embedding, not normalized."""
-        return self.model.encode_image(self.preprocess(images), normalize=False).float()
+        if not self.has_vision:
+            raise UserError(
+                "this model set's CLIP has no image encoder (imported from a text-to-image snapshot); "
+                "use an image-variations set, or re-import with --clip from one"
+            )
+        pixels = self.preprocess(images)
+        visual = getattr(self.model, "visual", None)
+        if _hf_compatible_vision(visual):
+            return _vision_as_hf(visual, pixels).float()
+        return self.model.encode_image(pixels, normalize=False).float()
+
+
+# --------------------------------------------------------------------------- text forward, as transformers
+
+
+def _hf_compatible(transformer: nn.Module) -> bool:
+    """open_clip's standard pre-norm blocks (no layer scale, no extra norms), batch first."""
+    return getattr(transformer, "batch_first", False) and all(
+        type(b) is ResidualAttentionBlock
+        and isinstance(b.ls_1, nn.Identity) and isinstance(b.ls_2, nn.Identity)
+        and not hasattr(b, "ln_1_kv") and b.attn.in_proj_weight is not None and b.attn.in_proj_bias is not None
+        for b in transformer.resblocks
+    )
+
+
+def _hf_compatible_vision(visual: nn.Module | None) -> bool:
+    """open_clip's plain ViT: class-token pooling, LayerNorms before and after, projection matrix."""
+    from open_clip.transformer import VisionTransformer
+
+    return (
+        type(visual) is VisionTransformer and visual.attn_pool is None and visual.pool_type == "tok"
+        and not visual.final_ln_after_pool and isinstance(visual.patch_dropout, nn.Identity)
+        and isinstance(visual.ln_pre, nn.LayerNorm) and isinstance(visual.proj, nn.Parameter)
+        and visual.conv1.bias is None and _hf_compatible(visual.transformer)
+    )
+
+
+def _vision_as_hf(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """open_clip's ViT computed as transformers' CLIPVisionModelWithProjection: (B, 3, S, S) -> (B, D)."""
+    B = pixels.shape[0]
+    x = visual.conv1(pixels).flatten(2).transpose(1, 2)  # (B, grid**2, W)
+    x = torch.cat([visual.class_embedding.expand(B, 1, -1), x], dim=1) + visual.positional_embedding  # (B, 1 + grid**2, W)
+    x = _blocks_as_hf(visual.transformer, visual.ln_pre(x), None)
+    pooled = visual.ln_post(x[:, 0, :])  # (B, W)
+    return F.linear(pooled, visual.proj.t().contiguous())  # (B, D)
+
+
+def _transformer_as_hf(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's text blocks computed as transformers' CLIPEncoder (sdpa attention), x (B, L, W)."""
+    B, L, _ = x.shape
+    min_value = torch.finfo(x.dtype).min
+    causal = torch.full((L, L), min_value, dtype=x.dtype, device=x.device).triu(1)  # HF's to_causal_4d
+    return _blocks_as_hf(transformer, x, causal[None, None].expand(B, 1, L, L))
+
+
+def _blocks_as_hf(transformer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    for block in transformer.resblocks:
+        x = x + _attention_as_hf(block.attn, block.ln_1(x), mask)
+        x = x + block.mlp(block.ln_2(x))
+    return x
+
+
+def _attention_as_hf(attn: nn.MultiheadAttention, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """nn.MultiheadAttention's weights, computed as transformers' CLIPAttention: (B, L, W) -> (B, L, W)."""
+    B, L, W = x.shape
+    heads = attn.num_heads
+    wq, wk, wv = attn.in_proj_weight.chunk(3)
+    bq, bk, bv = attn.in_proj_bias.chunk(3)
+    q, k, v = (F.linear(x, w, b).view(B, L, heads, W // heads).transpose(1, 2) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=(W // heads) ** -0.5)  # (B, h, L, hd)
+    y = y.transpose(1, 2).contiguous().reshape(B, L, W).contiguous()
+    return attn.out_proj(y)

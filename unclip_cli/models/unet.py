@@ -63,7 +63,9 @@ class ResBlock(nn.Module):
         else:
             h = self.out_norm(h + e)
         h = self.out_conv(F.silu(h))
-        return self.skip(x) + h
+        if isinstance(self.skip, nn.Conv2d):
+            x = self.skip(x.contiguous())  # contiguous as diffusers: the same conv kernel (see AttentionBlock)
+        return x + h
 
 
 class AttentionBlock(nn.Module):
@@ -84,24 +86,33 @@ class AttentionBlock(nn.Module):
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        return x.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, T, hd)
+        return x.reshape(B, T, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)  # (B, nh, T, hd)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        # Op for op (and so memory layout for memory layout) as diffusers' AttnAddedKVProcessor2_0:
+        # the same strides make the following kernels (this block's GEMMs, the next convolution)
+        # sum in the same order, so the images match diffusers' pixel for pixel. A sampler's first
+        # step divides by sqrt(alpha_bar) ~ 1e-2, which turns last-bit differences into visible ones.
         B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = self.qkv(h).split(C, dim=2)  # 3 x (B, HW, C)
+        h = self.norm(x.reshape(B, C, H * W)).transpose(1, 2)  # (B, HW, C)
+        wq, wk, wv = self.qkv.weight.chunk(3)
+        bq, bk, bv = self.qkv.bias.chunk(3)
+        q = self._heads(F.linear(h, wq, bq))  # (B, nh, HW, hd)
+        k, v = self._heads(F.linear(h, wk, bk)), self._heads(F.linear(h, wv, bv))
         if self.context_kv is not None:
             if context is None:
                 raise ValueError("this UNet attends to context tokens: pass context")
-            ck, cv = self.context_kv(context).split(C, dim=2)  # 2 x (B, Lc, C)
-            k, v = torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)  # (B, Lc + HW, C)
+            wck, wcv = self.context_kv.weight.chunk(2)
+            bck, bcv = self.context_kv.bias.chunk(2)
+            ck, cv = self._heads(F.linear(context, wck, bck)), self._heads(F.linear(context, wcv, bcv))  # (B, nh, Lc, hd)
+            k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)  # (B, nh, Lc + HW, hd)
             if bias is not None:
                 bias = F.pad(bias, (0, H * W))[:, None, None, :]  # (B, 1, 1, Lc + HW); spatial keys unmasked
         else:
             bias = None
-        y = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), attn_mask=bias)
-        y = y.transpose(1, 2).reshape(B, H * W, C)  # (B, HW, C)
-        return x + self.proj_out(y).transpose(1, 2).reshape(B, C, H, W)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nh, HW, hd)
+        y = self.proj_out(y.transpose(1, 2).reshape(B, H * W, C))  # (B, HW, C)
+        return y.transpose(1, 2).reshape(B, C, H, W) + x
 
 
 class Step(nn.ModuleList):

@@ -1,0 +1,261 @@
+"""The evaluation run: shapes prompts -> 64 px images with the model set's default sampling -> judge -> figures.
+
+Prompts come from their own stream of the grammar (`unclip-eval/{seed}/{i}`, not the training
+stream), one- and two-object scenes alternating. All generation noise comes from one CPU generator
+seeded with the seed, batch after batch, as `unclip generate` draws it; so the figures are a
+function of the model set, the seed, the count and the batch size.
+
+The upsampler check feeds generated 64 px images to upsampler-256 and its outputs to
+upsampler-1024, downscales each output back to its input's size (antialiased bicubic, the resize
+the upsamplers' training uses to make their low-res inputs) and measures the PSNR against the input.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from unclip_cli.data.shapes import Scene, sample_scene
+from unclip_cli.evaluate.judge import Judge, Verdict
+
+SIZE = 64
+
+# The bars of issue 5 (fractions of the prompts of each kind).
+TARGETS = {
+    "one_object": {"object_color": 0.95, "background": 0.95, "shape": 0.90},
+    "two_objects": {"both_colors": 0.85, "relation": 0.70},
+}
+PSNR_TARGET = 30.0  # dB: an upsampler's output, downscaled, against its input
+
+
+def eval_scenes(count: int, seed: int) -> list[Scene]:
+    """`count` scenes of the grammar: even items have one object, odd items two."""
+    scenes = []
+    for i in range(count):
+        rng = random.Random(f"unclip-eval/{int(seed)}/{i}")
+        want = 1 if i % 2 == 0 else 2
+        scene = sample_scene(rng)
+        while len(scene.objects) != want:
+            scene = sample_scene(rng)
+        scenes.append(scene)
+    return scenes
+
+
+@torch.no_grad()
+def generate(ms, prompts: list[str], generator: torch.Generator, device) -> torch.Tensor:
+    """Prompts -> decoder images (B, 3, S, S) in [-1, 1] with the set's default settings, as `unclip generate --size 64`."""
+    from unclip_cli.stages.conditioning import TextCond
+    from unclip_cli.stages.decode import run_decoder
+    from unclip_cli.stages.prior import run_prior
+
+    p_set, d_set = ms.sampling("prior"), ms.sampling("decoder")
+    clip = ms.load("clip", device)
+    cond = TextCond(*clip.encode_text(list(prompts)))
+    null = TextCond(*clip.encode_text([""]))
+    guided = p_set["guidance"] > 1.0 or d_set["guidance"] > 1.0  # as `generate`: both guided when either is
+    embed = run_prior(
+        ms.load("prior", device), cond, null, steps=p_set["steps"], guidance=p_set["guidance"],
+        generator=generator, guided=guided,
+    )
+    return run_decoder(
+        ms.load("decoder", device), embed, cond, null, steps=d_set["steps"], guidance=d_set["guidance"],
+        generator=generator, guided=guided,
+    ).cpu()
+
+
+# ---------------------------------------------------------------------- figures
+
+
+def _fraction(verdicts: list[Verdict], key: Callable[[Verdict], bool]) -> float | None:
+    return sum(bool(key(v)) for v in verdicts) / len(verdicts) if verdicts else None
+
+
+def aggregate(verdicts: list[Verdict]) -> dict:
+    """Per-image verdicts -> the figures: fractions of the one- and two-object prompts judged right."""
+    one = [v for v in verdicts if v.objects == 1]
+    two = [v for v in verdicts if v.objects == 2]
+    return {
+        "one_object": {
+            "n": len(one),
+            "object_color": _fraction(one, lambda v: v.colors_ok),
+            "background": _fraction(one, lambda v: v.background_ok),
+            "shape": _fraction(one, lambda v: v.shapes_ok),
+        },
+        "two_objects": {
+            "n": len(two),
+            "both_colors": _fraction(two, lambda v: v.colors_ok),
+            "relation": _fraction(two, lambda v: v.relation_ok),
+            "background": _fraction(two, lambda v: v.background_ok),
+            "both_shapes": _fraction(two, lambda v: v.shapes_ok),
+        },
+    }
+
+
+def passed(figures: dict) -> dict:
+    """{kind: {figure: bool}} for every figure with a target (None when there were no prompts of the kind)."""
+    return {
+        kind: {k: None if figures[kind][k] is None else figures[kind][k] >= bar for k, bar in bars.items()}
+        for kind, bars in TARGETS.items()
+    }
+
+
+# ---------------------------------------------------------------------- upsamplers
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Per-image PSNR in dB of (B, C, H, W) x against ref (values spanning `data_range`); inf where identical."""
+    mse = (x.double() - ref.double()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(data_range**2 / mse)).float()  # mse = 0 gives inf
+
+
+def downscale(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size), antialiased bicubic."""
+    return F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+
+
+def _psnr_summary(values: list[float]) -> dict:
+    finite = [min(v, 100.0) for v in values]  # identical images (inf) count as 100 dB
+    return {
+        "n": len(values),
+        "psnr_mean": sum(finite) / len(finite),
+        "psnr_min": min(finite),
+        "passed": min(finite) >= PSNR_TARGET,
+    }
+
+
+@torch.no_grad()
+def check_upsamplers(ms, low: torch.Tensor, generator: torch.Generator, device, batch_size: int) -> dict:
+    """PSNR of each upsampler's outputs, downscaled, against its inputs: 64 -> 256 -> 1024 from `low` (B, 3, 64, 64)."""
+    from unclip_cli.stages.upsample import run_upsampler
+
+    out: dict = {}
+    x = low
+    for component, chunk in (("upsampler-256", batch_size), ("upsampler-1024", max(1, batch_size // 8))):
+        if not ms.has(component):
+            out[component] = {"absent": True}
+            break
+        net = ms.load(component, device)
+        steps = ms.sampling(component)["steps"]
+        t0 = time.time()
+        ups, values = [], []
+        for part in x.split(chunk):
+            up = run_upsampler(net, part, steps=steps, generator=generator).cpu()
+            values += psnr(downscale(up, part.shape[-1]), part).tolist()
+            ups.append(up)
+        out[component] = {**_psnr_summary(values), "input": x.shape[-1], "steps": steps, "seconds": round(time.time() - t0, 2)}
+        x = torch.cat(ups)
+    return out
+
+
+# ---------------------------------------------------------------------- the run
+
+
+def run_eval(
+    ms,
+    judge: Judge,
+    *,
+    count: int = 200,
+    seed: int = 0,
+    batch_size: int = 25,
+    device="cpu",
+    upsample: int = 0,
+    on_batch: Callable[[int, torch.Tensor, list[Verdict]], None] | None = None,
+) -> dict:
+    """Generate, judge and aggregate; with `upsample` > 0, also check the upsamplers on that many of the images.
+
+    on_batch(start, images, verdicts) is called after each batch (progress, saving images).
+    Returns a JSON-ready report: settings, figures, targets and passes, per-prompt verdicts, timings.
+    """
+    scenes = eval_scenes(count, seed)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    verdicts: list[Verdict] = []
+    kept: list[torch.Tensor] = []
+    t_gen = t_judge = 0.0
+    for start in range(0, count, batch_size):
+        prompts = [s.caption for s in scenes[start : start + batch_size]]
+        t0 = time.time()
+        images = generate(ms, prompts, generator, device)
+        t1 = time.time()
+        batch_verdicts = judge(images, prompts)
+        t_gen, t_judge = t_gen + t1 - t0, t_judge + time.time() - t1
+        verdicts += batch_verdicts
+        if len(kept) * batch_size < upsample:
+            kept.append(images)
+        if on_batch:
+            on_batch(start, images, batch_verdicts)
+    figures = aggregate(verdicts)
+    report = {
+        "model": ms.name,
+        "model_dir": str(ms.path),
+        "count": count,
+        "seed": seed,
+        "batch_size": batch_size,
+        "size": SIZE,
+        "sampling": {c: ms.sampling(c) for c in ("prior", "decoder")},
+        "figures": figures,
+        "targets": TARGETS,
+        "passed": passed(figures),
+        "seconds": {"generate": round(t_gen, 2), "judge": round(t_judge, 2)},
+        "verdicts": [v.to_dict() for v in verdicts],
+    }
+    if upsample > 0:
+        low = torch.cat(kept)[:upsample]
+        low = low if low.shape[-1] == SIZE else downscale(low, SIZE)
+        report["upsamplers"] = check_upsamplers(ms, low, torch.Generator("cpu").manual_seed(seed), device, batch_size)
+    return report
+
+
+# ---------------------------------------------------------------------- printing
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def format_table(report: dict) -> str:
+    """The figures as a plain-text table (one line per figure)."""
+    p, d = report["sampling"]["prior"], report["sampling"]["decoder"]
+    lines = [
+        f"{report['model']}: {report['count']} prompts (seed {report['seed']}), {report['size']} px, "
+        f"prior {p['steps']} steps x{p['guidance']:g}, decoder {d['steps']} steps x{d['guidance']:g}",
+        f"{'':<22}{'figure':<14}{'value':>8}{'target':>10}",
+    ]
+    names = {"one_object": "one object", "two_objects": "two objects"}
+    for kind, figs in report["figures"].items():
+        label = f"{names[kind]} ({figs['n']})"
+        for name, value in figs.items():
+            if name == "n":
+                continue
+            bar = TARGETS.get(kind, {}).get(name)
+            ok = report["passed"].get(kind, {}).get(name)
+            verdict = "" if ok is None else ("pass" if ok else "FAIL")
+            target = f">= {bar:.2f}" if bar is not None else ""
+            lines.append(f"{label:<22}{name.replace('_', ' '):<14}{_cell(value):>8}{target:>10}  {verdict}".rstrip())
+            label = ""
+    for component, u in report.get("upsamplers", {}).items():
+        if u.get("absent"):
+            lines.append(f"{component:<22}absent from the model set")
+            continue
+        value = f"{u['psnr_mean']:.1f} / {u['psnr_min']:.1f} dB"
+        target = f">= {PSNR_TARGET:g} dB"
+        lines.append(
+            f"{component:<22}{'PSNR mean/min':<14}{value:>16}{target:>10}  {'pass' if u['passed'] else 'FAIL'}"
+            f"  ({u['n']} image{'s' * (u['n'] != 1)}, downscaled to {u['input']} px)"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def json_safe(obj):
+    """Replace non-finite floats (JSON has none) by None, recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
