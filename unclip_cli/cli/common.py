@@ -56,16 +56,9 @@ GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", "-g", help="
 
 
 def resolve_device(option: str | None):
-    import torch
+    from unclip_cli.device import resolve_device as resolve
 
-    name = option or os.environ.get("UNCLIP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA device is available")
-    return device
+    return resolve(option)
 
 
 def make_generator(seed: int | None):

@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from unclip_cli.device import resolve_device
 from unclip_cli.errors import UserError
 from unclip_cli.io import atomic_write
 
@@ -93,13 +94,7 @@ def generator(*parts) -> torch.Generator:
 def setup_distributed(device_name: str | None) -> tuple[Dist, torch.device]:
     """Read torchrun's environment; join the process group (nccl on CUDA, gloo on the CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    name = device_name or os.environ.get("UNCLIP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA device is available")
+    device = resolve_device(device_name)
     if world <= 1:
         return Dist(), device
     import torch.distributed as dist
