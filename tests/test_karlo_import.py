@@ -217,8 +217,6 @@ def _generate(cli, karlo, prompts, seed):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_generate_matches_unclip_pipeline(cli, karlo, batch):
-    if batch == 2 and karlo.name != "deeper":
-        pytest.skip("a batch of 2 is checked on the deeper configuration (time)")
     prompts, seed = PROMPTS[:batch], 7 + batch
     ours = _generate(cli, karlo, prompts, seed)
     ref = karlo.t2i(

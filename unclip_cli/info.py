@@ -12,7 +12,7 @@ def describe(path: str) -> list[str]:
     p = Path(path)
     if p.is_dir():
         return _describe_model_set(p)
-    from unclip_cli.io import NPY_MAGIC, PNG_MAGIC, read_input, read_stage, split_pngs, decode_image
+    from unclip_cli.io import NPY_MAGIC, PNG_MAGIC, decode_image, parse_stage, read_input, split_pngs
 
     data, name = read_input(path, "a file")
     if data.startswith(PNG_MAGIC) or data[:3] == b"\xff\xd8\xff":
@@ -22,7 +22,7 @@ def describe(path: str) -> list[str]:
             img = decode_image(part, name)
             lines.append(f"  [{i}] {img.size[0]}x{img.size[1]} RGB")
         return lines
-    stage = read_stage(path)
+    stage = parse_stage(data, name)  # stdin is read once
     if stage.bare or data.startswith(NPY_MAGIC):
         t = stage.main
         return [f"{name}: bare .npy embedding, shape {tuple(t.shape)}, norms {_norms(t)}"]
@@ -37,7 +37,7 @@ def describe(path: str) -> list[str]:
             continue
         value = stage.meta[key]
         try:
-            value = json.loads(value) if key in ("prompts", "images", "slerp") else value
+            value = json.loads(value) if key in ("prompts", "images", "slerp", "mix", "reconstruction_psnr") else value
         except json.JSONDecodeError:
             pass
         lines.append(f"  {key}: {value}")

@@ -297,7 +297,39 @@ def _tiny_configs(embed_dim: int, text_width: int, context_length: int = 77) -> 
     }
 
 
+def _small_configs(embed_dim: int, text_width: int, context_length: int = 77) -> dict:
+    """The shipped default's shapes: sized to train on a CPU in an hour or two and sample in seconds.
+
+    The decoder keeps few channels at 64 and 32 px (convolutions there dominate the cost on a CPU)
+    and attends only at 16 and 8 px; the upsamplers are the tiny preset's.
+    """
+    configs = _tiny_configs(embed_dim, text_width, context_length)
+    configs["prior"] = PriorConfig(
+        embed_dim=embed_dim, text_width=text_width, num_text_tokens=context_length, width=128, num_layers=4,
+        num_heads=4,
+    )
+    configs["decoder"] = DecoderConfig(
+        unet=UNetConfig(
+            in_channels=3, out_channels=6, channels=(16, 32, 64, 128), layers_per_block=1,
+            attention=(False, False, True, True), mid_attention=True, head_dim=16, context_dim=64,
+            time_embed_dim=128, add_embed=True, scale_shift=True, num_groups=8, sample_size=64,
+        ),
+        clip_embed_dim=embed_dim,
+        text_width=text_width,
+    )
+    return configs
+
+
 PRESETS = {
+    "small": {
+        "configs": _small_configs,
+        "sampling": {
+            "prior": {"steps": 25, "guidance": 2.0},
+            "decoder": {"steps": 25, "guidance": 3.0},
+            "upsampler-256": {"steps": 7},
+            "upsampler-1024": {"steps": 4},
+        },
+    },
     "tiny": {
         "configs": _tiny_configs,
         "sampling": {

@@ -1,4 +1,4 @@
-"""The pipeline stage commands: encode-text, encode-image, prior, decode, upsample, slerp, interpolate, generate, info."""
+"""The pipeline stage commands: encode-text, encode-image, prior, decode, upsample, slerp, generate, info."""
 
 from __future__ import annotations
 
@@ -64,15 +64,21 @@ def prior(
     steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
     seed: SeedOpt = None,
+    candidates: Annotated[int, typer.Option("--candidates", "-k", help="Samples per prompt; keep the one closest to the text (the paper: 2).")] = 1,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the diffusion prior: text conditioning -> CLIP image embedding (text carried along)."""
+    """Run the diffusion prior: text conditioning -> CLIP image embedding (text carried along).
+
+    --candidates K draws K embeddings per prompt and keeps the one with the largest dot product
+    with the text embedding (K = 1: one draw).
+    """
     from unclip_cli.io import StageFile, read_stage, stdout_target, write_stage
     from unclip_cli.stages.conditioning import TextCond
-    from unclip_cli.stages.prior import run_prior
+    from unclip_cli.stages.manipulate import run_prior_best_of
 
     check_min("--steps", steps, 2)
+    check_min("--candidates", candidates)
     stage = read_stage(source, "a text conditioning file (from encode-text)")
     if stage.kind != "text":
         raise UserError(f"prior reads text conditioning (from encode-text), got a {stage.kind} file")
@@ -89,9 +95,12 @@ def prior(
     net = ms.load("prior", dev)
     gen, seed = make_generator(seed)
     with progress("prior", quiet) as cb:
-        embed = run_prior(net, cond, null_text(ms, dev), steps=steps, guidance=guidance, generator=gen, callback=cb)
+        embed = run_prior_best_of(
+            net, cond, null_text(ms, dev), candidates=candidates, steps=steps, guidance=guidance, generator=gen,
+            callback=cb,
+        )
     meta = dict(stage.meta)
-    meta.update(stage_meta(ms, seed=seed, prior_steps=steps, prior_guidance=guidance))
+    meta.update(stage_meta(ms, seed=seed, prior_steps=steps, prior_guidance=guidance, prior_candidates=candidates))
     write_stage(StageFile("image", {"image_embed": embed, **cond.tensors()}, meta), target)
 
 
@@ -107,7 +116,11 @@ def decode(
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Decode image embeddings into 64x64 images (PNG; a batch gives out-0.png, out-1.png...)."""
+    """Decode image embeddings into 64x64 images (PNG; a batch gives out-0.png, out-1.png...).
+
+    A latent file from `invert` is decoded from its x_T with DDIM (eta 0 unless --eta) over the
+    latent timesteps, with the steps and guidance it was inverted with: that gives the image back.
+    """
     from unclip_cli.io import read_stage, stdout_target, tensor_to_images, write_images
     from unclip_cli.stages.conditioning import TextCond
     from unclip_cli.stages.decode import run_decoder
@@ -126,14 +139,26 @@ def decode(
     null = null_text(ms, dev, embed.shape[0])
     cond = TextCond.from_tensors(stage.tensors) or null
     settings = ms.sampling("decoder")
+    x_T = None
+    if stage.kind == "latent":  # from `invert`: its x_T, with DDIM and the steps / guidance it was inverted with
+        x_T = stage.tensors["noise"].float()
+        eta = 0.0 if eta is None else eta
+        settings = {"steps": int(stage.meta.get("decoder_steps", settings["steps"])),
+                    "guidance": float(stage.meta.get("decoder_guidance", settings["guidance"]))}
     steps = steps or settings["steps"]
     guidance = settings["guidance"] if guidance is None else guidance
     net = ms.load("decoder", dev)
+    size, channels = net.cfg.unet.sample_size, net.cfg.unet.in_channels
+    if x_T is not None and tuple(x_T.shape[1:]) != (channels, size, size):
+        raise UserError(f"{source or '<stdin>'}: latent noise of shape {tuple(x_T.shape[1:])}, the decoder takes {(channels, size, size)}")
     gen, seed = make_generator(seed)
     with progress("decoder", quiet) as cb:
-        images = run_decoder(
-            net, embed, cond, null, steps=steps, guidance=guidance, generator=gen, eta=eta, callback=cb
-        )
+        if x_T is None:
+            images = run_decoder(net, embed, cond, null, steps=steps, guidance=guidance, generator=gen, eta=eta, callback=cb)
+        else:
+            from unclip_cli.stages.manipulate import decode_latent
+
+            images = decode_latent(net, embed, x_T, null, steps=steps, guidance=guidance, eta=eta, generator=gen, callback=cb)
     # the exact floats and the generator's state ride along, so `decode | upsample` is one pipeline run
     carry = [{"image": x.float().cpu(), "rng_state": gen.get_state()} for x in images]
     write_images(tensor_to_images(images), target, carry=carry)
@@ -225,116 +250,6 @@ def slerp_cmd(
     meta = {k: v for k, v in (sa.meta or sb.meta).items() if k in ("clip", "clip_dim", "model")}
     meta["slerp"] = json.dumps({"a": a, "b": b, "t": t})
     write_stage(StageFile("image", {"image_embed": slerp(ea, eb, t)}, meta), target)
-
-
-def _embedding_of(source: str, ms, dev):
-    """An image file -> its CLIP embedding; an embedding file -> its embedding (checked against the set)."""
-    from unclip_cli.io import NPY_MAGIC, PNG_MAGIC, read_images, read_input, read_stage
-
-    data, _ = read_input(source, "an image or embedding file")
-    is_image = data.startswith(PNG_MAGIC) or data[:3] == b"\xff\xd8\xff" or data[:4] in (b"GIF8", b"RIFF", b"BM\x00\x00")
-    if not is_image and not data.startswith(NPY_MAGIC):
-        try:
-            stage = read_stage(source)
-        except UserError:
-            is_image = True  # let the image reader report what it is
-        else:
-            if stage.kind == "text":
-                raise UserError(f"{source}: text conditioning; interpolate takes images or image embeddings")
-            emb = stage.tensors["image_embed"].float()
-            ms.check_clip(stage.clip, emb.shape[-1], source)
-            return emb[:1]
-    if is_image:
-        (img, _), *_ = read_images([source])
-        return ms.load("clip", dev).encode_image([img]).cpu()
-    stage = read_stage(source)
-    emb = stage.tensors["image_embed"].float()
-    ms.check_clip(None, emb.shape[-1], source)
-    return emb[:1]
-
-
-@app.command("interpolate")
-def interpolate(
-    a: Annotated[str, typer.Argument(help="First image or image-embedding file.")],
-    b: Annotated[str, typer.Argument(help="Second image or image-embedding file.")],
-    frames: Annotated[int, typer.Option("-n", "--frames", help="Number of frames, endpoints included.")] = 5,
-    output: OutputOpt = None,
-    model: ModelOpt = None,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = None,
-    seed: SeedOpt = None,
-    eta: Annotated[float, typer.Option(help="DDIM eta (0: only the embedding changes across frames).")] = 0.0,
-    device: DeviceOpt = None,
-    quiet: QuietOpt = False,
-) -> None:
-    """Decode N frames along the slerp from A to B, with the same noise for every frame.
-
-    -o strip.png: frames side by side; -o anim.gif: an animation; -o DIR/: DIR/frame-000.png...
-    """
-    import torch
-
-    from unclip_cli.diffusion.samplers import draw_noise
-    from unclip_cli.io import emit, png_bytes, stdout_target, tensor_to_images
-    from unclip_cli.stages.decode import run_decoder
-    from unclip_cli.stages.interpolate import slerp
-
-    if frames < 2:
-        raise UserError("-n must be >= 2")
-    check_min("--steps", steps, 2)
-    if eta < 0:
-        raise UserError("--eta must be >= 0")
-    kind = _frames_kind(output)
-    target = stdout_target(output) if kind == "strip" else output
-    ms = open_model_set(model)
-    dev = resolve_device(device)
-    ea, eb = _embedding_of(a, ms, dev), _embedding_of(b, ms, dev)
-    ts = [i / (frames - 1) for i in range(frames)]
-    embeds = torch.cat([slerp(ea, eb, t) for t in ts])  # (N, D)
-    null = null_text(ms, dev)
-    settings = ms.sampling("decoder")
-    net = ms.load("decoder", dev)
-    gen, seed = make_generator(seed)
-    size = net.cfg.unet.sample_size
-    x_T = draw_noise((1, net.cfg.unet.in_channels, size, size), gen, dev).expand(frames, -1, -1, -1)
-    with progress("interpolate", quiet) as cb:
-        images = run_decoder(
-            net, embeds, null.expand(frames), null, steps=steps or settings["steps"],
-            guidance=settings["guidance"] if guidance is None else guidance, generator=gen, eta=eta, x_T=x_T, callback=cb,
-        )
-    pil = tensor_to_images(images)
-    _write_frames(pil, target, kind, emit, png_bytes)
-
-
-def _frames_kind(output: str | None) -> str:
-    if output and (output.endswith("/") or Path(output).is_dir()):
-        return "dir"
-    if output and output.lower().endswith(".gif"):
-        return "gif"
-    if output and not output.lower().endswith(".png") and output != "-":
-        raise UserError(f"{output}: -o takes a .png (strip), a .gif, or a folder ending in /")
-    return "strip"
-
-
-def _write_frames(pil, target, kind, emit, png_bytes) -> None:
-    import io as _io
-
-    from PIL import Image
-
-    if kind == "dir":
-        folder = Path(target)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(pil):
-            emit(png_bytes(img), str(folder / f"frame-{i:03d}.png"))
-    elif kind == "gif":
-        buf = _io.BytesIO()
-        pil[0].save(buf, format="GIF", save_all=True, append_images=pil[1:], duration=200, loop=0)
-        emit(buf.getvalue(), target)
-    else:
-        w, h = pil[0].size
-        strip = Image.new("RGB", (w * len(pil), h))
-        for i, img in enumerate(pil):
-            strip.paste(img, (i * w, 0))
-        emit(png_bytes(strip), target)
 
 
 @app.command("generate")

@@ -6,38 +6,30 @@ from typing import Callable
 
 import torch
 
-from unclip_cli.diffusion.samplers import draw_noise, sample_ancestral, sample_ddim
+from unclip_cli.diffusion.samplers import ModelFn, draw_noise, sample_ancestral, sample_ddim
 from unclip_cli.diffusion.schedule import GaussianDiffusion, respaced_timesteps
 from unclip_cli.models.decoder import Decoder
 from unclip_cli.stages.conditioning import TextCond
 
 
-@torch.no_grad()
-def run_decoder(
+def decoder_model_fn(
     decoder: Decoder,
     image_embed: torch.Tensor,
     cond: TextCond,
     null: TextCond,
-    *,
-    steps: int,
     guidance: float,
-    generator: torch.Generator | None,
+    *,
     guided: bool | None = None,
-    eta: float | None = None,
-    x_T: torch.Tensor | None = None,
-    callback: Callable[[int, int], None] | None = None,
-) -> torch.Tensor:
-    """Decode image embeddings (B, D) to (B, 3, H, W) in [-1, 1], as UnCLIPPipeline's decoder loop.
+) -> ModelFn:
+    """The decoder as a sampler's model function (x_t, t) -> [eps, variance channels].
 
-    Guidance on eps with [learned null image embedding + empty text; image embedding + text];
-    the variance comes from the conditional half. eta=None: the ancestral (learned-variance)
-    sampler; eta=float: DDIM with that eta. x_T: a given initial noise (else drawn).
+    Guidance on eps with [learned null image embedding + empty text; image embedding + text], the
+    variance channels taken from the conditional half; guided by default when guidance > 1.
     """
     device = next(decoder.parameters()).device
     batch = image_embed.shape[0]
     guided = guidance > 1.0 if guided is None else guided
-    image_embed = image_embed.to(device)
-    cond = cond.to(device)
+    image_embed, cond = image_embed.to(device), cond.to(device)
     if guided:
         image_embed = torch.cat([decoder.null_image_embed(batch).to(device), image_embed])
         cond = TextCond.cat(null.to(device).expand(batch), cond)
@@ -54,8 +46,39 @@ def run_decoder(
             out = torch.cat([eps_u + guidance * (eps_t - eps_u), var_t], dim=1)
         return out
 
+    return model_fn
+
+
+@torch.no_grad()
+def run_decoder(
+    decoder: Decoder,
+    image_embed: torch.Tensor,
+    cond: TextCond,
+    null: TextCond,
+    *,
+    steps: int,
+    guidance: float,
+    generator: torch.Generator | None,
+    guided: bool | None = None,
+    eta: float | None = None,
+    x_T: torch.Tensor | None = None,
+    timesteps: list[int] | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Decode image embeddings (B, D) to (B, 3, H, W) in [-1, 1], as UnCLIPPipeline's decoder loop.
+
+    Guidance on eps with [learned null image embedding + empty text; image embedding + text];
+    the variance comes from the conditional half. eta=None: the ancestral (learned-variance)
+    sampler; eta=float: DDIM with that eta. x_T: a given initial noise (else drawn).
+    timesteps: the descending timesteps to sample (default: `steps` respaced as UnCLIPScheduler).
+    """
+    device = next(decoder.parameters()).device
+    batch = image_embed.shape[0]
+    guided = guidance > 1.0 if guided is None else guided
+    model_fn = decoder_model_fn(decoder, image_embed, cond, null, guidance, guided=guided)
+    channels = decoder.cfg.unet.in_channels
     diffusion = GaussianDiffusion.from_config(decoder.cfg.diffusion)
-    timesteps = respaced_timesteps(steps, diffusion.num_timesteps)
+    timesteps = timesteps or respaced_timesteps(steps, diffusion.num_timesteps)
     size = decoder.cfg.unet.sample_size
     if x_T is None:
         x_T = draw_noise((batch, channels, size, size), generator, device)

@@ -17,46 +17,12 @@ from unclip_cli.diffusion.schedule import GaussianDiffusion, respaced_timesteps
 from unclip_cli.models.decoder import Decoder
 from unclip_cli.models.prior import DiffusionPrior
 from unclip_cli.stages.conditioning import TextCond
-from unclip_cli.stages.decode import run_decoder
+from unclip_cli.stages.decode import decoder_model_fn, run_decoder
 from unclip_cli.stages.interpolate import slerp
 from unclip_cli.stages.prior import pick_best, run_prior
 
 # Inversion stops refining a step once DDIM from x_t lands this close to x_{t_prev} (pixels in [-1, 1]).
 INVERT_TOLERANCE = 1e-5
-
-
-# ---------------------------------------------------------------------- the decoder's model function
-
-
-def decoder_model_fn(
-    decoder: Decoder, image_embed: torch.Tensor, cond: TextCond, null: TextCond, guidance: float
-) -> ModelFn:
-    """The model function `run_decoder` samples with, for inverting what it samples.
-
-    Guidance on eps with [learned null image embedding + empty text; image embedding + text], the
-    variance channels taken from the conditional half; unguided when guidance <= 1.
-    """
-    device = next(decoder.parameters()).device
-    batch = image_embed.shape[0]
-    guided = guidance > 1.0
-    image_embed, cond = image_embed.to(device), cond.to(device)
-    if guided:
-        image_embed = torch.cat([decoder.null_image_embed(batch).to(device), image_embed])
-        cond = TextCond.cat(null.to(device).expand(batch), cond)
-    dcond = decoder.condition(image_embed, cond.embed, cond.hidden, cond.mask)
-    channels = decoder.cfg.unet.in_channels
-
-    def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-        x_in = torch.cat([x, x]) if guided else x
-        t_in = torch.full((x_in.shape[0],), t, dtype=torch.long, device=device)
-        out = decoder(x_in, t_in, dcond)
-        if guided:
-            uncond, text = out.chunk(2)
-            eps_u, eps_t, var_t = uncond[:, :channels], text[:, :channels], text[:, channels:]
-            out = torch.cat([eps_u + guidance * (eps_t - eps_u), var_t], dim=1)
-        return out
-
-    return model_fn
 
 
 # ---------------------------------------------------------------------- DDIM inversion
@@ -158,6 +124,19 @@ def fit_image(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, top : top + size, left : left + size].clamp(-1, 1)
 
 
+def latent_timesteps(steps: int, num_timesteps: int = 1000) -> list[int]:
+    """The timesteps of the latent path (inversion, and every decode from an inverted x_T): the
+    top `steps` levels of a `steps + 1` respacing, e.g. 25 -> [959, 919, ..., 0].
+
+    The usual grid starts at t = 999, where alpha_bar ~ 2e-9: there the x0-clamped DDIM step is a
+    near-step function of x_t wherever predicted x0 changes sign, values no x_T reaches, and the
+    unclamped one amplifies eps errors ~3500 times. One level lower (alpha_bar ~ 4e-3 at 959) the
+    step is well conditioned and inversion converges (DDIM inversion practice: diffusers' DDIM
+    schedules also start below 999). x_T there is still noise-like (std ~1).
+    """
+    return respaced_timesteps(steps + 1, num_timesteps)[1:]
+
+
 @torch.no_grad()
 def invert(
     decoder: Decoder,
@@ -173,13 +152,14 @@ def invert(
 ) -> tuple[torch.Tensor, list[float]]:
     """Images (B, 3, S, S) in [-1, 1] with their CLIP embeddings (B, D) -> x_T (B, 3, S, S), per-step residuals.
 
-    `run_decoder(..., eta=0.0, x_T=x_T)` with the same steps, guidance and conditioning gives the
-    images back, as closely as the decoder's DDIM steps can be solved (see ddim_invert_exact).
+    DDIM (eta 0) over `latent_timesteps(steps)` from x_T, with the same guidance and conditioning,
+    gives the images back, as closely as the decoder's DDIM steps can be solved (see
+    ddim_invert_exact).
     """
     device = next(decoder.parameters()).device
     model_fn = decoder_model_fn(decoder, image_embed, cond, null, guidance)
     diffusion = GaussianDiffusion.from_config(decoder.cfg.diffusion)
-    timesteps = respaced_timesteps(steps, diffusion.num_timesteps)
+    timesteps = latent_timesteps(steps, diffusion.num_timesteps)
     x_T, residuals = ddim_invert_exact(
         model_fn, images.to(device).float(), diffusion, timesteps, refine=refine, callback=callback
     )
@@ -210,12 +190,40 @@ def vary(
     """
     batch = image_embed.shape[0]
     embeds = image_embed.repeat_interleave(n, dim=0)  # (B * n, D)
-    if x_T is not None:
-        x_T = x_T.repeat_interleave(n, dim=0)  # (B * n, C, S, S)
     null = null if len(null) == batch * n else null.expand(batch * n)  # one row, or one per output
+    if x_T is None:
+        return run_decoder(
+            decoder, embeds, null, null, steps=steps, guidance=guidance, generator=generator, eta=eta, callback=callback
+        )
+    return decode_latent(
+        decoder, embeds, x_T.repeat_interleave(n, dim=0), null, steps=steps, guidance=guidance, eta=eta,
+        generator=generator, callback=callback,
+    )
+
+
+@torch.no_grad()
+def decode_latent(
+    decoder: Decoder,
+    image_embed: torch.Tensor,
+    x_T: torch.Tensor,
+    null: TextCond,
+    *,
+    steps: int,
+    guidance: float,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Decode latents (z_i (B, D), x_T (B, C, S, S)) with DDIM over latent_timesteps, empty text.
+
+    With eta = 0 and the steps and guidance of the inversion, this is the inverse of `invert`.
+    """
+    batch = image_embed.shape[0]
+    null = null if len(null) == batch else null.expand(batch)
     return run_decoder(
-        decoder, embeds, null, null, steps=steps, guidance=guidance, generator=generator,
-        eta=eta, x_T=x_T, callback=callback,
+        decoder, image_embed, null, null, steps=steps, guidance=guidance, generator=generator, eta=eta,
+        x_T=x_T.contiguous(), timesteps=latent_timesteps(steps, decoder.cfg.diffusion.num_timesteps),
+        callback=callback,
     )
 
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Train the shipped default model set (weights/shapes-small) from scratch on the procedural shapes data.
+#
+#   scripts/train-default.sh OUT_DIR [MINUTES_SCALE]
+#
+# Two lanes run side by side, one CPU thread each (the set was trained on a 2-core CPU):
+#   lane A: clip -> embedding cache -> decoder
+#   lane B: upsampler-256 -> upsampler-1024 -> prior (once the cache exists)
+# Every stage is time-boxed with `timeout -s TERM` (training stops after the current step and saves
+# its EMA weights and a resumable state); the model card records the steps each one reached, and
+# `unclip train ... --steps N` with those N reproduces the weights (same device and thread count).
+# Rerunning the script resumes every stage from its state.
+set -euo pipefail
+out=${1:?usage: train-default.sh OUT_DIR [MINUTES_SCALE]}
+scale=${2:-1}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+mins() { python3 -c "print(int($1 * $scale * 60))"; }
+boxed() {  # run "$@" for at most $1 seconds; a time-out (124) or a stop on signal (130) is fine
+  local secs=$1 rc=0; shift
+  timeout -s TERM "$secs" "$@" || rc=$?
+  [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ]
+}
+common=(--model "$out" -q --save-every 250 --ema-decay 0.999 --warmup 200)
+
+[ -f "$out/model.json" ] || unclip model init --preset small -o "$out" --name shapes-small --seed 0
+
+lane_a() {
+  boxed "$(mins 12)" unclip train clip --data shapes --steps 100000 --batch-size 128 --lr 5e-4 "${common[@]}"
+  [ -f "$out/cache.safetensors" ] || unclip data embed --model "$out" --data shapes --count 40000 -o "$out/cache.safetensors" -q
+  boxed "$(mins 80)" unclip train decoder --data shapes --cache "$out/cache.safetensors" --steps 1000000 \
+    --batch-size 16 --lr 3e-4 "${common[@]}"
+}
+
+lane_b() {
+  boxed "$(mins 25)" unclip train upsampler-256 --data shapes --steps 1000000 --batch-size 16 --lr 3e-4 "${common[@]}"
+  boxed "$(mins 15)" unclip train upsampler-1024 --data shapes --steps 1000000 --batch-size 4 --lr 3e-4 "${common[@]}"
+  while [ ! -f "$out/cache.safetensors" ]; do sleep 10; done
+  boxed "$(mins 15)" unclip train prior --cache "$out/cache.safetensors" --steps 1000000 --batch-size 128 --lr 3e-4 "${common[@]}"
+}
+
+lane_a > "$out/lane-a.log" 2>&1 &
+a=$!
+lane_b > "$out/lane-b.log" 2>&1 &
+b=$!
+wait $a $b
+echo "done: $out"
