@@ -11,6 +11,10 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     a, b: (..., D). The direction moves along the great circle from a to b; the length goes
     linearly from |a| to |b|, so slerp(a, b, 0) = a, slerp(a, b, 1) = b, and unit vectors stay unit.
     """
+    if t == 0.0:
+        return a.clone()  # exact endpoints, whatever the dtype
+    if t == 1.0:
+        return b.clone()
     a64, b64 = a.double(), b.double()
     na, nb = a64.norm(dim=-1, keepdim=True), b64.norm(dim=-1, keepdim=True)
     ua, ub = a64 / na, b64 / nb
