@@ -22,6 +22,7 @@ import torch
 from unclip_cli.errors import UserError
 from unclip_cli.io import atomic_write, load_state_dict, read_safetensors_header, save_weights
 from unclip_cli.models.configs import (
+    ARPriorConfig,
     DecoderConfig,
     PriorConfig,
     UNetConfig,
@@ -32,15 +33,17 @@ from unclip_cli.models.configs import (
 
 MANIFEST = "model.json"
 MANIFEST_FORMAT = "unclip-modelset"
-COMPONENTS = ("clip", "prior", "decoder", "upsampler-256", "upsampler-1024")
+COMPONENTS = ("clip", "prior", "prior-ar", "decoder", "upsampler-256", "upsampler-1024")
 CONFIG_TYPES = {
     "prior": PriorConfig,
+    "prior-ar": ARPriorConfig,
     "decoder": DecoderConfig,
     "upsampler-256": UpsamplerConfig,
     "upsampler-1024": UpsamplerConfig,
 }
 DEFAULT_SAMPLING = {
     "prior": {"steps": 25, "guidance": 4.0},
+    "prior-ar": {"guidance": 2.0, "temperature": 1.0, "top_p": 0.9, "similarity_percentile": 50.0},
     "decoder": {"steps": 25, "guidance": 8.0},
     "upsampler-256": {"steps": 7},
     "upsampler-1024": {"steps": 7},
@@ -218,6 +221,10 @@ def build_component(component: str, cfg) -> torch.nn.Module:
         from unclip_cli.models.prior import DiffusionPrior
 
         return DiffusionPrior(cfg)
+    if component == "prior-ar":
+        from unclip_cli.models.ar_prior import ARPrior
+
+        return ARPrior(cfg)
     if component == "decoder":
         from unclip_cli.models.decoder import Decoder
 
@@ -294,6 +301,10 @@ def _tiny_configs(embed_dim: int, text_width: int, context_length: int = 77) -> 
             first=UNetConfig(channels=(8, 16), time_embed_dim=32, num_groups=4, sample_size=1024, **up),
             last=None, low_res=256, size=1024,
         ),
+        "prior-ar": ARPriorConfig(
+            embed_dim=embed_dim, text_width=text_width, num_text_tokens=context_length, width=64, num_layers=2,
+            num_heads=4, num_buckets=256, num_sim_buckets=16,
+        ),
     }
 
 
@@ -307,6 +318,10 @@ def _small_configs(embed_dim: int, text_width: int, context_length: int = 77) ->
     configs["prior"] = PriorConfig(
         embed_dim=embed_dim, text_width=text_width, num_text_tokens=context_length, width=128, num_layers=4,
         num_heads=4,
+    )
+    configs["prior-ar"] = ARPriorConfig(
+        embed_dim=embed_dim, text_width=text_width, num_text_tokens=context_length, width=128, num_layers=4,
+        num_heads=4, num_buckets=1024, num_sim_buckets=32,
     )
     configs["decoder"] = DecoderConfig(
         unet=UNetConfig(
@@ -325,6 +340,7 @@ PRESETS = {
         "configs": _small_configs,
         "sampling": {
             "prior": {"steps": 25, "guidance": 2.0},
+            "prior-ar": {"guidance": 2.0, "temperature": 1.0, "top_p": 0.9, "similarity_percentile": 50.0},
             "decoder": {"steps": 25, "guidance": 3.0},
             "upsampler-256": {"steps": 7},
             "upsampler-1024": {"steps": 4},
@@ -334,6 +350,7 @@ PRESETS = {
         "configs": _tiny_configs,
         "sampling": {
             "prior": {"steps": 10, "guidance": 4.0},
+            "prior-ar": {"guidance": 2.0, "temperature": 1.0, "top_p": 0.9, "similarity_percentile": 50.0},
             "decoder": {"steps": 10, "guidance": 8.0},
             "upsampler-256": {"steps": 4},
             "upsampler-1024": {"steps": 3},
@@ -384,3 +401,27 @@ def init_model_set(out: Path, preset: str, seed: int = 0, name: str | None = Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def add_component(path: Path, component: str, preset: str, seed: int = 0, replace: bool = False) -> None:
+    """Add a freshly initialized component, sized from `preset` to the set's CLIP, to an existing set
+    (for example an AR prior beside an imported Karlo set's diffusion prior)."""
+    ms = ModelSet.open(str(path))
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    if component not in CONFIG_TYPES:
+        raise UserError(f"cannot add {component!r} (components: {', '.join(CONFIG_TYPES)})")
+    if ms.has(component) and not replace:
+        raise UserError(f"model set {ms.name!r} already has {component} (--replace to start it over)")
+    clip = ms.manifest["clip"]
+    configs = PRESETS[preset]["configs"](clip["embed_dim"], clip["text_width"], clip.get("context_length", 77))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + list(configs).index(component) + 1)
+        module = build_component(component, configs[component])
+    save_component(ms.path, component, configs[component], module)
+    manifest = dict(ms.manifest)
+    manifest["components"] = [c for c in COMPONENTS if c in set(manifest.get("components", [])) | {component}]
+    default = PRESETS[preset]["sampling"].get(component)
+    if default is not None:
+        manifest.setdefault("sampling", {})[component] = default
+    atomic_write(ms.path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())

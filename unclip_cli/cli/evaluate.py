@@ -29,6 +29,7 @@ def evaluate(
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the full report as JSON ('-': JSON on stdout, no table).")] = None,
     save: Annotated[Optional[str], typer.Option("--save", help="Folder to write the generated 64 px images to (000.png...).")] = None,
     judge_dir: JudgeOpt = None,
+    prior_kind: Annotated[Optional[str], typer.Option("--prior-kind", help="diffusion or ar (default: the set's prior_kind, else diffusion).")] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -53,7 +54,9 @@ def evaluate(
         raise UserError(f"{folder}: exists and is not a folder")
     judge = Judge.load(judge_dir)
     ms = open_model_set(model)
-    for component in ("clip", "prior", "decoder"):
+    from unclip_cli.stages.priors import KINDS, prior_kind as resolve_kind
+
+    for component in ("clip", KINDS[resolve_kind(ms, prior_kind)], "decoder"):
         ms.require(component)
     dev = resolve_device(device)
     if folder is not None:
@@ -70,7 +73,7 @@ def evaluate(
 
         report = run_eval(
             ms, judge, count=count, seed=seed, batch_size=batch_size, device=dev,
-            upsample=min(upsample_count, count) if upsamplers else 0, on_batch=on_batch,
+            upsample=min(upsample_count, count) if upsamplers else 0, prior_kind=prior_kind, on_batch=on_batch,
         )
     if json_out is not None:
         text = json.dumps(json_safe(report), indent=2) + "\n"

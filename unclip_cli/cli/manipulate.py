@@ -398,7 +398,6 @@ def mix_cmd(
     from unclip_cli.io import StageFile, stdout_target, write_stage
     from unclip_cli.stages.conditioning import TextCond
     from unclip_cli.stages.manipulate import mix
-    from unclip_cli.stages.prior import run_prior
 
     if not items:
         raise UserError("no items to mix")
@@ -412,15 +411,14 @@ def mix_cmd(
     texts = [it[len("text:"):] for it in items if it.startswith("text:")]
     prompt_embeds = iter(())
     if texts:
+        from unclip_cli.stages.priors import sample_prior
+
         clip = ms.load("clip", dev)
         cond = TextCond(*clip.encode_text(texts))
-        settings = ms.sampling("prior")
         gen, seed = make_generator(seed)
         with progress("prior", quiet) as cb:
-            prompt_embeds = iter(run_prior(
-                ms.load("prior", dev), cond, null_text(ms, dev), steps=steps or settings["steps"],
-                guidance=settings["guidance"] if guidance is None else guidance, generator=gen, callback=cb,
-            ).cpu())
+            found, _ = sample_prior(ms, dev, None, cond, null_text(ms, dev), gen, steps=steps, guidance=guidance, callback=cb)
+        prompt_embeds = iter(found.cpu())
     embeds = []
     for it in items:
         if it.startswith("text:"):

@@ -24,7 +24,7 @@ ClipOpt = Annotated[
 @model_app.command("init")
 def model_init(
     output: Annotated[str, typer.Option("--output", "-o", help="Folder to create.")],
-    preset: Annotated[str, typer.Option(help="Named preset (tiny).")] = "tiny",
+    preset: Annotated[str, typer.Option(help="Named preset: tiny (tests, seconds per stage) or small (the shipped default's shapes).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Initialization seed.")] = 0,
     name: Annotated[Optional[str], typer.Option(help="Model-set name (default: PRESET-random).")] = None,
     clip: ClipOpt = None,
@@ -34,6 +34,22 @@ def model_init(
 
     init_model_set(Path(output), preset, seed=seed, name=name, clip=clip)
     typer.echo(f"wrote {preset} model set to {output}", err=True)
+
+
+@model_app.command("add")
+def model_add(
+    component: Annotated[str, typer.Argument(help="Component to add, e.g. prior-ar.", show_default=False)],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model-set folder (default: $UNCLIP_MODEL).")] = None,
+    preset: Annotated[str, typer.Option(help="Preset whose config for the component is used (tiny, small).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Initialization seed.")] = 0,
+    replace: Annotated[bool, typer.Option("--replace", help="Start an existing component over.")] = False,
+) -> None:
+    """Add a randomly initialized component to a model set, sized to its CLIP (then train it)."""
+    from unclip_cli.modelset import add_component, resolve_model_dir
+
+    path = resolve_model_dir(model)
+    add_component(path, component, preset, seed=seed, replace=replace)
+    typer.echo(f"added a {preset} {component} to {path}; train it with `unclip train {component}`", err=True)
 
 
 @model_app.command("import")

@@ -56,26 +56,36 @@ def encode_image(
     write_stage(StageFile("image", {"image_embed": embed}, meta), target)
 
 
+KindOpt = Annotated[
+    Optional[str], typer.Option("--kind", help="Prior: diffusion or ar (default: the model set's prior_kind, else diffusion).")
+]
+
+
 @app.command("prior")
 def prior(
     source: Annotated[Optional[str], typer.Argument(help="Text conditioning file, or '-' for stdin.")] = None,
     output: OutputOpt = None,
     model: ModelOpt = None,
+    kind: KindOpt = None,
     steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
     seed: SeedOpt = None,
     candidates: Annotated[int, typer.Option("--candidates", "-k", help="Samples per prompt; keep the one closest to the text (the paper: 2).")] = 1,
+    temperature: Annotated[Optional[float], typer.Option(help="AR prior: sampling temperature.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="AR prior: nucleus sampling mass.")] = None,
+    similarity_percentile: Annotated[Optional[float], typer.Option("--similarity-percentile", help="AR prior: draw the similarity token from this percentile of its training distribution up (50: the top half).")] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the diffusion prior: text conditioning -> CLIP image embedding (text carried along).
+    """Run a prior: text conditioning -> CLIP image embedding (text carried along).
 
+    --kind diffusion (the diffusion prior) or ar (the autoregressive one); both write the same file.
     --candidates K draws K embeddings per prompt and keeps the one with the largest dot product
     with the text embedding (K = 1: one draw).
     """
     from unclip_cli.io import StageFile, read_stage, stdout_target, write_stage
     from unclip_cli.stages.conditioning import TextCond
-    from unclip_cli.stages.manipulate import run_prior_best_of
+    from unclip_cli.stages.priors import prior_kind, sample_prior
 
     check_min("--steps", steps, 2)
     check_min("--candidates", candidates)
@@ -89,18 +99,14 @@ def prior(
         raise UserError("text conditioning file lacks text_hidden / text_mask")
     ms.check_clip(stage.clip, cond.embed.shape[-1], source or "<stdin>")
     dev = resolve_device(device)
-    settings = ms.sampling("prior")
-    steps = steps or settings["steps"]
-    guidance = settings["guidance"] if guidance is None else guidance
-    net = ms.load("prior", dev)
     gen, seed = make_generator(seed)
-    with progress("prior", quiet) as cb:
-        embed = run_prior_best_of(
-            net, cond, null_text(ms, dev), candidates=candidates, steps=steps, guidance=guidance, generator=gen,
-            callback=cb,
-        )
+    ar = dict(temperature=temperature, top_p=top_p, similarity_percentile=similarity_percentile)
+    component = "prior" if prior_kind(ms, kind) == "diffusion" else "prior-ar"
+    with progress(component, quiet) as cb:
+        embed, settings = sample_prior(ms, dev, kind, cond, null_text(ms, dev), gen, steps=steps, guidance=guidance,
+                                       candidates=candidates, callback=cb, **ar)
     meta = dict(stage.meta)
-    meta.update(stage_meta(ms, seed=seed, prior_steps=steps, prior_guidance=guidance, prior_candidates=candidates))
+    meta.update(stage_meta(ms, seed=seed, **{f"prior_{k}": v for k, v in settings.items()}))
     write_stage(StageFile("image", {"image_embed": embed, **cond.tensors()}, meta), target)
 
 
@@ -259,6 +265,7 @@ def generate(
     output: OutputOpt = None,
     model: ModelOpt = None,
     seed: SeedOpt = None,
+    prior_kind_opt: Annotated[Optional[str], typer.Option("--prior-kind", help="diffusion or ar (default: the model set's prior_kind, else diffusion).")] = None,
     prior_steps: Annotated[Optional[int], typer.Option(help="Prior steps (default: the model set's).")] = None,
     prior_guidance: Annotated[Optional[float], typer.Option(help="Prior guidance scale.")] = None,
     decoder_steps: Annotated[Optional[int], typer.Option(help="Decoder steps.")] = None,
@@ -271,7 +278,7 @@ def generate(
     from unclip_cli.io import stdout_target, tensor_to_images, write_images
     from unclip_cli.stages.conditioning import TextCond
     from unclip_cli.stages.decode import run_decoder
-    from unclip_cli.stages.prior import run_prior
+    from unclip_cli.stages.priors import prior_kind, sample_prior
     from unclip_cli.stages.upsample import run_upsampler
 
     if size not in (64, 256, 1024):
@@ -282,23 +289,22 @@ def generate(
         raise UserError("no prompt given")
     target = stdout_target(output)
     ms = open_model_set(model)
-    needed = ["clip", "prior", "decoder"] + ["upsampler-256"] * (size >= 256) + ["upsampler-1024"] * (size == 1024)
+    kind = prior_kind(ms, prior_kind_opt)
+    p_component = "prior" if kind == "diffusion" else "prior-ar"
+    needed = ["clip", p_component, "decoder"] + ["upsampler-256"] * (size >= 256) + ["upsampler-1024"] * (size == 1024)
     for component in needed:
         ms.require(component)
     dev = resolve_device(device)
-    p_set, d_set = ms.sampling("prior"), ms.sampling("decoder")
+    p_set, d_set = ms.sampling(p_component), ms.sampling("decoder")
     pg = p_set["guidance"] if prior_guidance is None else prior_guidance
     dg = d_set["guidance"] if decoder_guidance is None else decoder_guidance
     clip = ms.load("clip", dev)
     cond = TextCond(*clip.encode_text(list(prompts)))
     null = TextCond(*clip.encode_text([""] * len(prompts)))  # batched as diffusers: the same last bits
     gen, seed = make_generator(seed)
-    guided = pg > 1.0 or dg > 1.0  # diffusers guides both stages when either scale is > 1
-    with progress("prior", quiet) as cb:
-        embed = run_prior(
-            ms.load("prior", dev), cond, null, steps=prior_steps or p_set["steps"], guidance=pg,
-            generator=gen, guided=guided, callback=cb,
-        )
+    guided = pg > 1.0 or dg > 1.0  # diffusers guides both stages when either scale is > 1 (diffusion prior)
+    with progress(p_component, quiet) as cb:
+        embed, _ = sample_prior(ms, dev, kind, cond, null, gen, steps=prior_steps, guidance=pg, guided=guided, callback=cb)
     with progress("decoder", quiet) as cb:
         image = run_decoder(
             ms.load("decoder", dev), embed, cond, null, steps=decoder_steps or d_set["steps"], guidance=dg,

@@ -47,21 +47,19 @@ def eval_scenes(count: int, seed: int) -> list[Scene]:
 
 
 @torch.no_grad()
-def generate(ms, prompts: list[str], generator: torch.Generator, device) -> torch.Tensor:
+def generate(ms, prompts: list[str], generator: torch.Generator, device, prior_kind: str | None = None) -> torch.Tensor:
     """Prompts -> decoder images (B, 3, S, S) in [-1, 1] with the set's default settings, as `unclip generate --size 64`."""
     from unclip_cli.stages.conditioning import TextCond
     from unclip_cli.stages.decode import run_decoder
-    from unclip_cli.stages.prior import run_prior
+    from unclip_cli.stages.priors import KINDS, prior_kind as resolve_kind, sample_prior
 
-    p_set, d_set = ms.sampling("prior"), ms.sampling("decoder")
+    kind = resolve_kind(ms, prior_kind)
+    p_set, d_set = ms.sampling(KINDS[kind]), ms.sampling("decoder")
     clip = ms.load("clip", device)
     cond = TextCond(*clip.encode_text(list(prompts)))
     null = TextCond(*clip.encode_text([""]))
     guided = p_set["guidance"] > 1.0 or d_set["guidance"] > 1.0  # as `generate`: both guided when either is
-    embed = run_prior(
-        ms.load("prior", device), cond, null, steps=p_set["steps"], guidance=p_set["guidance"],
-        generator=generator, guided=guided,
-    )
+    embed, _ = sample_prior(ms, device, kind, cond, null, generator, guided=guided)
     return run_decoder(
         ms.load("decoder", device), embed, cond, null, steps=d_set["steps"], guidance=d_set["guidance"],
         generator=generator, guided=guided,
@@ -164,6 +162,7 @@ def run_eval(
     batch_size: int = 25,
     device="cpu",
     upsample: int = 0,
+    prior_kind: str | None = None,
     on_batch: Callable[[int, torch.Tensor, list[Verdict]], None] | None = None,
 ) -> dict:
     """Generate, judge and aggregate; with `upsample` > 0, also check the upsamplers on that many of the images.
@@ -179,7 +178,7 @@ def run_eval(
     for start in range(0, count, batch_size):
         prompts = [s.caption for s in scenes[start : start + batch_size]]
         t0 = time.time()
-        images = generate(ms, prompts, generator, device)
+        images = generate(ms, prompts, generator, device, prior_kind)
         t1 = time.time()
         batch_verdicts = judge(images, prompts)
         t_gen, t_judge = t_gen + t1 - t0, t_judge + time.time() - t1
@@ -189,6 +188,9 @@ def run_eval(
         if on_batch:
             on_batch(start, images, batch_verdicts)
     figures = aggregate(verdicts)
+    from unclip_cli.stages.priors import KINDS, prior_kind as resolve_kind
+
+    kind = resolve_kind(ms, prior_kind)
     report = {
         "model": ms.name,
         "model_dir": str(ms.path),
@@ -196,7 +198,8 @@ def run_eval(
         "seed": seed,
         "batch_size": batch_size,
         "size": SIZE,
-        "sampling": {c: ms.sampling(c) for c in ("prior", "decoder")},
+        "prior_kind": kind,
+        "sampling": {"prior": {"kind": kind, **ms.sampling(KINDS[kind])}, "decoder": ms.sampling("decoder")},
         "figures": figures,
         "targets": TARGETS,
         "passed": passed(figures),
@@ -222,7 +225,8 @@ def format_table(report: dict) -> str:
     p, d = report["sampling"]["prior"], report["sampling"]["decoder"]
     lines = [
         f"{report['model']}: {report['count']} prompts (seed {report['seed']}), {report['size']} px, "
-        f"prior {p['steps']} steps x{p['guidance']:g}, decoder {d['steps']} steps x{d['guidance']:g}",
+        f"{p['kind']} prior " + (f"{p['steps']} steps " if "steps" in p else "") +
+        f"x{p['guidance']:g}, decoder {d['steps']} steps x{d['guidance']:g}",
         f"{'':<22}{'figure':<14}{'value':>8}{'target':>10}",
     ]
     names = {"one_object": "one object", "two_objects": "two objects"}

@@ -40,6 +40,21 @@ class PriorConfig:
 
 
 @dataclass
+class ARPriorConfig:
+    """Autoregressive prior: causal transformer over [text tokens, text embed, similarity, PCA codes]."""
+
+    embed_dim: int = 768  # CLIP embedding size (PCA input and output)
+    text_width: int = 768  # width of the CLIP text hidden states fed as tokens
+    num_text_tokens: int = 77  # text context length
+    width: int = 1024  # transformer width (= num_heads * head_dim)
+    num_layers: int = 12
+    num_heads: int = 16
+    num_buckets: int = 1024  # quantization levels of each kept PCA coordinate (the paper: 1024)
+    num_sim_buckets: int = 64  # levels of the z_i . z_t similarity token
+    max_pca_error: float = 0.01  # keep the fewest PCA dims whose mean squared error is under this share of the variance
+
+
+@dataclass
 class UNetConfig:
     """ADM/GLIDE UNet (decoder and upsamplers): scale-shift ResBlocks, resblock down/up sampling."""
 

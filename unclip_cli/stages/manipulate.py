@@ -287,17 +287,26 @@ def run_prior_best_of(
     The paper draws 2 (section 2.2). The K * B samples run as one batch (rows grouped by prompt:
     the K candidates of prompt 0, then of prompt 1...), their noise drawn in one go; K = 1 is run_prior.
     """
+    def sample(c: TextCond, n: TextCond) -> torch.Tensor:
+        return run_prior(prior, c, n, steps=steps, guidance=guidance, generator=generator, guided=guided, callback=callback)
+
+    return best_of(sample, cond, null, candidates)
+
+
+def best_of(sample: Callable[[TextCond, TextCond], torch.Tensor], cond: TextCond, null: TextCond, candidates: int) -> torch.Tensor:
+    """K samples per prompt from any prior (`sample(cond, null)` -> (B', D)), the best kept by pick_best.
+
+    The K * B samples run as one batch, rows grouped by prompt (the K candidates of prompt 0, then of
+    prompt 1...), so their noise is drawn in one go; K = 1 is a plain `sample(cond, null)`.
+    """
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     if candidates == 1:
-        return run_prior(prior, cond, null, steps=steps, guidance=guidance, generator=generator, guided=guided, callback=callback)
+        return sample(cond, null)
     batch = len(cond)
     if len(null) > 1:  # one empty-prompt row per prompt: one per sample
         null = null.repeat_interleave(candidates)
-    samples = run_prior(
-        prior, cond.repeat_interleave(candidates), null, steps=steps, guidance=guidance, generator=generator,
-        guided=guided, callback=callback,
-    )  # (B * K, D)
+    samples = sample(cond.repeat_interleave(candidates), null)  # (B * K, D)
     per_prompt = samples.reshape(batch, candidates, -1).transpose(0, 1)  # (K, B, D)
     return pick_best(per_prompt, cond.embed.to(samples.device))
 

@@ -212,6 +212,66 @@ class PriorTask(Task):
         save_component(self.ms.path, self.component, self.module.cfg, ema)
 
 
+# ---------------------------------------------------------------------- autoregressive prior
+
+
+class ARPriorNet(nn.Module):
+    def __init__(self, prior: nn.Module):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, codes, sim, text_embed, text_hidden, text_mask):
+        return self.prior(codes, sim, text_embed, text_hidden, text_mask)
+
+
+class ARPriorTask(PriorTask):
+    """Cross-entropy of the quantized PCA codes, teacher-forced; the text dropped 10% of the time.
+
+    Fresh runs fit the PCA, buckets and similarity edges first (from the whole --cache, else
+    STATS_SAMPLES images), unless the component already has them (fine-tuning keeps them)."""
+
+    component = "prior-ar"
+
+    def __init__(self, ms, prior, cond: ClipConditioning, source, cache, amp=nullcontext):
+        Task.__init__(self, amp)  # the data side is the diffusion prior's; no diffusion chain
+        self.ms, self.module, self.cond, self.source, self.cache = ms, prior, cond, source, cache
+        self.net = ARPriorNet(prior)
+
+    def setup(self, log):
+        p = self.module
+        if p.fitted:
+            log(f"prior-ar: keeping its PCA ({p.kept} dims) and buckets (already fitted)")
+            return
+        if self.cache is not None:
+            rows = self.cache.get(torch.arange(len(self.cache)))
+            image_embed, text_embed = rows["image_embed"], rows["text_embed"]
+        else:
+            n = min(len(self.source), STATS_SAMPLES)
+            g = torch.Generator().manual_seed(0x5EED)  # the same draw on every rank
+            parts = []
+            for start in range(0, n, 64):
+                images, captions, _ = self.source.sample(min(64, n - start), self.cond.image_size, g)
+                parts.append((self.cond.image_embed(images).cpu(), self.cond.text(captions)[0].cpu()))
+            image_embed, text_embed = (torch.cat(x) for x in zip(*parts))
+        report = p.fit_statistics(image_embed.to(p.pca_mean.device), text_embed.to(p.pca_mean.device))
+        log(
+            f"prior-ar: PCA of {report['embeddings']} image embeddings keeps {report['kept']} of {report['dims']} dims "
+            f"(reconstruction error {100 * report['pca_error']:.2f}% of the variance; with the {p.cfg.num_buckets} "
+            f"buckets {100 * report['round_trip_error']:.2f}%)"
+        )
+
+    def loss(self, net, data, g):
+        image_embed, *text = self._embeddings(data)
+        B, dev = image_embed.shape[0], image_embed.device
+        codes = self.module.encode(image_embed)  # (B, K)
+        sim = self.module.similarity_bucket(image_embed, text[0])  # (B,), from the true caption
+        text = self.cond.drop_text(text, _bernoulli(PRIOR_TEXT_DROP, B, g, dev))
+        with self.amp():
+            logits = net(codes[:, :-1], sim, *text)  # (B, K, nb): row j predicts code j
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        return loss, {}
+
+
 # ---------------------------------------------------------------------- decoder
 
 
@@ -442,4 +502,6 @@ def make_task(component, ms, device, source, cache, rank=0, world_size=1, amp=nu
     cond = ClipConditioning(ms.load("clip", device), device)
     if component == "prior":
         return PriorTask(ms, module, cond, source, cache, amp)
+    if component == "prior-ar":
+        return ARPriorTask(ms, module, cond, source, cache, amp)
     return DecoderTask(ms, module, cond, source, cache, amp)

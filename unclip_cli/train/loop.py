@@ -39,7 +39,7 @@ from unclip_cli.io import atomic_write
 STATE_NAME = "train-state.pt"
 LOG_NAME = "train.jsonl"
 STATE_FORMAT = "unclip-train-state"
-TRAINABLE = ("clip", "prior", "decoder", "upsampler-256", "upsampler-1024")
+TRAINABLE = ("clip", "prior", "prior-ar", "decoder", "upsampler-256", "upsampler-1024")
 EMA_WARMUP = 10  # EMA decay ramps as min(decay, (1 + k) / (10 + k)): early EMA follows the weights
 
 
@@ -247,8 +247,8 @@ def open_inputs(component: str, ms, data: str | None, cache_path: str | None, sa
     training --seed picks draws from the data, not the data itself."""
     source = cache = None
     if cache_path is not None:
-        if component not in ("prior", "decoder"):
-            raise UserError("--cache (precomputed CLIP embeddings) is for the prior and the decoder")
+        if component not in ("prior", "prior-ar", "decoder"):
+            raise UserError("--cache (precomputed CLIP embeddings) is for the priors and the decoder")
         from unclip_cli.data.cache import EmbeddingCache
 
         cache = EmbeddingCache.load(cache_path)
@@ -257,7 +257,7 @@ def open_inputs(component: str, ms, data: str | None, cache_path: str | None, sa
         if len(cache) == 0:
             raise UserError(f"{cache_path}: empty embedding cache")
     if data is None:
-        if component == "prior" and cache is not None:
+        if component in ("prior", "prior-ar") and cache is not None:
             return None, cache
         raise UserError(f"training {component} needs --data (shapes, a folder of captioned images, a .tar or a glob)")
     from unclip_cli.data.sources import open_source

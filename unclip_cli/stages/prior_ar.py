@@ -1,0 +1,74 @@
+"""Autoregressive prior stage: text conditioning -> CLIP image embedding, code by code.
+
+Sampling (Ramesh et al. 2022, section 2.2): the similarity token is drawn uniformly from the
+buckets at or above `similarity_percentile` of its training distribution (50: the top half, as the
+paper), then the K codes one at a time with classifier-free guidance on the logits (the empty
+prompt as unconditional), temperature and nucleus (top-p) filtering. All draws come from the CPU
+generator, so a seed gives the same embedding on any device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from unclip_cli.models.ar_prior import ARPrior
+from unclip_cli.stages.conditioning import TextCond
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely entries whose mass reaches top_p (Holtzman et al. 2019); renormalize."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the entries ranked above each one
+    sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))  # the first always stays
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+@torch.no_grad()
+def run_ar_prior(
+    prior: ARPrior,
+    cond: TextCond,
+    null: TextCond,
+    *,
+    guidance: float,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    similarity_percentile: float = 50.0,
+    generator: torch.Generator | None,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Sample image embeddings (B, D) for B text conditions with the AR prior."""
+    if not prior.fitted:
+        raise ValueError("the AR prior has no fitted PCA: train it first (unclip train prior-ar)")
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    if not 0 < top_p <= 1:
+        raise ValueError("top_p must be in (0, 1]")
+    if not 0 <= similarity_percentile < 100:
+        raise ValueError("similarity_percentile must be in [0, 100)")
+    device = prior.pca_mean.device
+    batch, k = len(cond), prior.kept
+    guided = guidance != 1.0
+    cond = cond.to(device)
+    both = TextCond.cat(null.to(device).expand(batch), cond) if guided else cond
+    n_sim = prior.cfg.num_sim_buckets
+    lowest = min(int(similarity_percentile / 100 * n_sim), n_sim - 1)
+    sim = torch.randint(lowest, n_sim, (batch,), generator=generator).to(device)  # (B,)
+    codes = torch.zeros(batch, 0, dtype=torch.long, device=device)
+    for j in range(k):
+        c_in = torch.cat([codes, codes]) if guided else codes
+        s_in = torch.cat([sim, sim]) if guided else sim
+        logits = prior(c_in, s_in, both.embed, both.hidden, both.mask)[:, -1].float()  # (B or 2B, nb)
+        if guided:
+            uncond, text = logits.chunk(2)
+            logits = uncond + guidance * (text - uncond)
+        probs = top_p_filter(torch.softmax(logits.cpu() / temperature, dim=-1), top_p)  # drawn on the CPU
+        nxt = torch.multinomial(probs, 1, generator=generator).to(device)  # (B, 1)
+        codes = torch.cat([codes, nxt], dim=1)
+        if callback is not None:
+            callback(j, k)
+    return prior.decode(codes)
