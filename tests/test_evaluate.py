@@ -207,10 +207,10 @@ def test_eval_of_a_perfect_and_a_confused_generator(quick_set, judge, monkeypatc
 
     by_caption = {s.caption: s for s in eval_scenes(12, seed=5)}
 
-    def perfect(ms, prompts, generator, device):
+    def perfect(ms, prompts, generator, device, prior_kind=None):
         return render([by_caption[p] for p in prompts], 64)
 
-    def confused(ms, prompts, generator, device):
+    def confused(ms, prompts, generator, device, prior_kind=None):
         return render([by_caption[p] for p in prompts[1:] + prompts[:1]], 64)
 
     ms = ModelSet.open(str(quick_set))
