@@ -5,7 +5,8 @@
 #
 # Two lanes run side by side, one CPU thread each (the set was trained on a 2-core CPU):
 #   lane A: clip -> embedding cache -> decoder
-#   lane B: upsampler-256 -> upsampler-1024 -> prior (once the cache exists)
+#   lane B: upsampler-256 -> upsampler-1024 -> prior (once the cache exists) -> prior-ar
+#           -> more upsampler-256 -> more upsampler-1024
 # Every stage is time-boxed with `timeout -s TERM` (training stops after the current step and saves
 # its EMA weights and a resumable state); the model card records the steps each one reached, and
 # `unclip train ... --steps N` with those N reproduces the weights (same device and thread count).
@@ -38,9 +39,17 @@ lane_b() {
   boxed "$(mins 15)" unclip train prior --cache "$out/cache.safetensors" --steps 1000000 --batch-size 128 --lr 3e-4 "${common[@]}"
 }
 
+lane_c() {  # after lane B: the AR prior, then more steps for both upsamplers
+  [ -d "$out/prior-ar" ] || unclip model add prior-ar --model "$out" --preset small
+  boxed "$(mins 8)" unclip train prior-ar --cache "$out/cache.safetensors" --steps 1000000 --batch-size 128 --lr 3e-4 "${common[@]}"
+  boxed "$(mins 35)" unclip train upsampler-256 --data shapes --steps 1000000 --batch-size 16 --lr 3e-4 "${common[@]}"
+  boxed "$(mins 25)" unclip train upsampler-1024 --data shapes --steps 1000000 --batch-size 4 --lr 3e-4 "${common[@]}"
+}
+
 lane_a > "$out/lane-a.log" 2>&1 &
 a=$!
-lane_b > "$out/lane-b.log" 2>&1 &
+{ lane_b && lane_c; } > "$out/lane-b.log" 2>&1 &
 b=$!
 wait $a $b
 echo "done: $out"
+

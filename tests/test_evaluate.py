@@ -270,7 +270,18 @@ def test_downscale_inverts_a_smooth_upscale():
 # ---------------------------------------------------------------------- the shipped model set
 
 
-@pytest.mark.skipif(default_model_dir() is None, reason="no shipped model set in weights/ yet")
+def test_shipped_set_is_complete_and_small():
+    shipped = default_model_dir()
+    assert shipped is not None and shipped.name == "shapes-small"
+    manifest = json.loads((shipped / MANIFEST).read_text())
+    assert manifest["components"] == ["clip", "prior", "prior-ar", "decoder", "upsampler-256", "upsampler-1024"]
+    files = [p for p in shipped.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".pt", ".jsonl")], "training states and logs stay out of weights/"
+    assert max(p.stat().st_size for p in files) <= 16 * 2**20
+    assert sum(p.stat().st_size for p in files) <= 80 * 2**20
+    assert (shipped / "README.md").is_file()  # the model card
+
+
 def test_shipped_set_draws_the_right_colors(cli, judge, monkeypatch):
     from unclip_cli.io import decode_image, images_to_tensor
 

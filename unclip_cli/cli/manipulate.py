@@ -89,9 +89,11 @@ def _per_image_tensors(images, exact_images_to_tensor):
     return [exact_images_to_tensor([img])[0] for img in images]
 
 
-def _latent_of(source, ms, dev, *, steps, guidance, refine, quiet, need_noise: bool) -> Latent:
-    """An image, latent file or embedding file -> Latent (inverting an image when need_noise)."""
-    kind, item = _read_item(source)
+def _latent_of(source, ms, dev, *, steps, guidance, refine, quiet, need_noise: bool, item=None) -> Latent:
+    """An image, latent file or embedding file -> Latent (inverting an image when need_noise).
+
+    item: the (kind, content) `_read_item(source)` already gave, else it is read here."""
+    kind, item = item or _read_item(source)
     if kind == "image":
         if not need_noise:
             return Latent(ms.load("clip", dev).encode_image([item]).cpu(), None, source=source)
@@ -262,7 +264,12 @@ def interpolate(
     dev = resolve_device(device)
     inv_steps = steps or ms.sampling("decoder")["steps"]
     common = dict(steps=inv_steps, guidance=1.0 if guidance is None else guidance, refine=refine, quiet=quiet, need_noise=invert)
-    la, lb = _latent_of(a, ms, dev, **common), _latent_of(b, ms, dev, **common)
+    items = [_read_item(a), _read_item(b)]  # both read (and checked) before any inversion runs
+    if invert:
+        for source, (kind, item) in zip((a, b), items):
+            if kind == "stage" and item.kind == "image":
+                raise UserError(f"{source}: an image embedding has no x_T to keep; pass the image or its latent (unclip invert)")
+    la, lb = (_latent_of(s, ms, dev, item=it, **common) for s, it in zip((a, b), items))
     steps, guidance = _decoder_settings(ms, steps, guidance, *((la, lb) if invert else ()))
     embeds = slerp_frames(la.embed, lb.embed, frames)  # (N, D)
     net = ms.load("decoder", dev)
