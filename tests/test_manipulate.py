@@ -17,7 +17,7 @@ from conftest import png_size
 from unclip_cli.cli.common import null_text
 from unclip_cli.modelset import ModelSet
 from unclip_cli.stages.interpolate import slerp
-from unclip_cli.stages.manipulate import decode_latent, invert, latent_timesteps, mix, run_prior_best_of, text_diff
+from unclip_cli.stages.manipulate import best_of, decode_latent, invert, latent_timesteps, mix, text_diff
 from unclip_cli.stages.prior import pick_best, run_prior
 
 # The stated bound: DDIM inversion then eta-0 decoding of a 64px image, same steps and guidance.
@@ -263,6 +263,11 @@ def test_pick_best_keeps_the_largest_dot_product():
     torch.testing.assert_close(pick_best(cands, text), torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
 
 
+def _best_of_prior(prior, cond, null, *, candidates, seed):
+    g = torch.Generator().manual_seed(seed)
+    return best_of(lambda c, n: run_prior(prior, c, n, steps=4, guidance=2.0, generator=g), cond, null, candidates)
+
+
 def test_candidates_2_picks_the_higher_scoring_sample(tiny_set):
     ms = ModelSet.open(str(tiny_set))
     prior, clip = ms.load("prior"), ms.load("clip")
@@ -270,14 +275,14 @@ def test_candidates_2_picks_the_higher_scoring_sample(tiny_set):
 
     cond = TextCond(*clip.encode_text(["a red star", "a blue ring"]))
     null = null_text(ms, "cpu")
-    best = run_prior_best_of(prior, cond, null, candidates=2, steps=4, guidance=2.0, generator=torch.Generator().manual_seed(5))
+    best = _best_of_prior(prior, cond, null, candidates=2, seed=5)
     # the same draws, by hand: the K * B samples in one batch, rows grouped by prompt
     both = run_prior(prior, cond.repeat_interleave(2), null, steps=4, guidance=2.0, generator=torch.Generator().manual_seed(5))
     scores = (both * cond.embed.repeat_interleave(2, dim=0)).sum(-1).reshape(2, 2)
     chosen = both.reshape(2, 2, -1)[torch.arange(2), scores.argmax(1)]
     torch.testing.assert_close(best, chosen)
     assert not torch.equal(both[0], both[1])  # two different candidates to choose from
-    one = run_prior_best_of(prior, cond, null, candidates=1, steps=4, guidance=2.0, generator=torch.Generator().manual_seed(5))
+    one = _best_of_prior(prior, cond, null, candidates=1, seed=5)
     torch.testing.assert_close(one, run_prior(prior, cond, null, steps=4, guidance=2.0, generator=torch.Generator().manual_seed(5)))
 
 

@@ -236,6 +236,13 @@ def build_component(component: str, cfg) -> torch.nn.Module:
     raise ValueError(f"unknown component {component}")
 
 
+def _seeded_component(component: str, cfg, seed: int, index: int) -> torch.nn.Module:
+    """build_component seeded by (seed, the component's place in its preset), the caller's RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + index + 1)
+        return build_component(component, cfg)
+
+
 def save_component(root: Path, component: str, cfg, module: torch.nn.Module | dict[str, torch.Tensor]) -> None:
     """Write config.json + model.safetensors (config also in the weights' metadata); module: a network or its state dict."""
     folder = root / component
@@ -387,10 +394,7 @@ def init_model_set(out: Path, preset: str, seed: int = 0, name: str | None = Non
             clip_name, dims = source.name, (enc.embed_dim, enc.text_width, enc.context_length)
         configs = PRESETS[preset]["configs"](*dims)
         for i, (component, cfg) in enumerate(configs.items()):
-            with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-                torch.manual_seed(seed * 1000 + i + 1)
-                module = build_component(component, cfg)
-            save_component(tmp, component, cfg, module)
+            save_component(tmp, component, cfg, _seeded_component(component, cfg, seed, i))
         write_manifest(
             tmp, name or f"{preset}-random", ["clip", *configs], clip_name=clip_name,
             sampling=PRESETS[preset]["sampling"], preset=preset, seed=seed,
@@ -415,9 +419,7 @@ def add_component(path: Path, component: str, preset: str, seed: int = 0, replac
         raise UserError(f"model set {ms.name!r} already has {component} (--replace to start it over)")
     clip = ms.manifest["clip"]
     configs = PRESETS[preset]["configs"](clip["embed_dim"], clip["text_width"], clip.get("context_length", 77))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1000 + list(configs).index(component) + 1)
-        module = build_component(component, configs[component])
+    module = _seeded_component(component, configs[component], seed, list(configs).index(component))
     save_component(ms.path, component, configs[component], module)
     manifest = dict(ms.manifest)
     manifest["components"] = [c for c in COMPONENTS if c in set(manifest.get("components", [])) | {component}]

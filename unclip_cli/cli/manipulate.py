@@ -47,13 +47,11 @@ class Latent:
 
 def _read_item(source: str):
     """An input path (or '-') -> ("image", PIL image) or ("stage", StageFile)."""
-    from unclip_cli.io import NPY_MAGIC, PNG_MAGIC, decode_image, parse_stage, read_input
+    from unclip_cli.io import PNG_MAGIC, decode_image, parse_stage, read_input
 
     data, name = read_input(source, "an image, latent or embedding file")
     if data.startswith(PNG_MAGIC) or data[:3] == b"\xff\xd8\xff" or data[:4] in (b"GIF8", b"RIFF"):
         return "image", decode_image(data, name)
-    if data.startswith(NPY_MAGIC):
-        return "stage", parse_stage(data, name)
     try:
         return "stage", parse_stage(data, name)
     except UserError as not_stage:
@@ -74,7 +72,8 @@ def _invert_images(ms, dev, images, steps, guidance, refine, quiet):
     decoder = ms.load("decoder", dev)
     size = decoder.cfg.unet.sample_size
     embed = clip.encode_image(images).cpu()
-    pixels = torch.stack([fit_image(x, size) for x in _per_image_tensors(images, exact_images_to_tensor)])
+    # each image alone: sizes may differ; a PNG from decode gives its exact float values
+    pixels = torch.stack([fit_image(exact_images_to_tensor([img])[0], size) for img in images])
     null = null_text(ms, dev, len(images))
     with progress("invert", quiet) as cb:
         x_T, _ = invert(decoder, pixels, embed, null, null, steps=steps, guidance=guidance, refine=refine, callback=cb)
@@ -82,11 +81,6 @@ def _invert_images(ms, dev, images, steps, guidance, refine, quiet):
     mse = ((back.cpu() - pixels) ** 2).flatten(1).mean(1)  # pixels in [-1, 1]: peak-to-peak 2
     psnr = [float(10 * torch.log10(4 / m.clamp_min(1e-12))) for m in mse]
     return embed, x_T.cpu(), psnr
-
-
-def _per_image_tensors(images, exact_images_to_tensor):
-    """Each image as (3, H, W) in [-1, 1] (exact carried values for PNGs from decode); sizes may differ."""
-    return [exact_images_to_tensor([img])[0] for img in images]
 
 
 def _latent_of(source, ms, dev, *, steps, guidance, refine, quiet, need_noise: bool, item=None) -> Latent:
@@ -114,8 +108,14 @@ def _latent_of(source, ms, dev, *, steps, guidance, refine, quiet, need_noise: b
             float(stage.meta["decoder_guidance"]) if "decoder_guidance" in stage.meta else None, source,
         )
     if need_noise:
-        raise UserError(f"{source}: an image embedding has no x_T to keep; pass the image or its latent (unclip invert)")
+        _refuse_bare_embedding(source, item)
     return Latent(embed[:1], None, source=source)
+
+
+def _refuse_bare_embedding(source: str, stage) -> None:
+    """Where x_T is needed, an image-embedding file (no x_T) is refused."""
+    if stage.kind == "image":
+        raise UserError(f"{source}: an image embedding has no x_T to keep; pass the image or its latent (unclip invert)")
 
 
 def _decoder_settings(ms, steps, guidance, *latents):
@@ -193,7 +193,8 @@ def vary_cmd(
     Writes N 64px PNGs (out-0.png, out-1.png...; back to back on stdout).
     """
     from unclip_cli.io import stdout_target, tensor_to_images, write_images
-    from unclip_cli.stages.manipulate import draw_latent_noise, vary
+    from unclip_cli.stages.decode import draw_latent_noise
+    from unclip_cli.stages.manipulate import vary
 
     check_min("-n", n)
     check_min("--steps", steps, 2)
@@ -246,8 +247,8 @@ def interpolate(
     inverted latents. -o strip.png: frames side by side; -o anim.gif; -o DIR/: DIR/frame-000.png...
     """
     from unclip_cli.io import stdout_target, tensor_to_images
-    from unclip_cli.stages.decode import run_decoder
-    from unclip_cli.stages.manipulate import decode_latent, draw_latent_noise, slerp_frames
+    from unclip_cli.stages.decode import draw_latent_noise, run_decoder
+    from unclip_cli.stages.manipulate import decode_latent, slerp_frames
 
     if frames < 2:
         raise UserError("-n must be >= 2")
@@ -267,8 +268,8 @@ def interpolate(
     items = [_read_item(a), _read_item(b)]  # both read (and checked) before any inversion runs
     if invert:
         for source, (kind, item) in zip((a, b), items):
-            if kind == "stage" and item.kind == "image":
-                raise UserError(f"{source}: an image embedding has no x_T to keep; pass the image or its latent (unclip invert)")
+            if kind == "stage":
+                _refuse_bare_embedding(source, item)
     la, lb = (_latent_of(s, ms, dev, item=it, **common) for s, it in zip((a, b), items))
     steps, guidance = _decoder_settings(ms, steps, guidance, *((la, lb) if invert else ()))
     embeds = slerp_frames(la.embed, lb.embed, frames)  # (N, D)

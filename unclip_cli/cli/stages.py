@@ -85,7 +85,7 @@ def prior(
     """
     from unclip_cli.io import StageFile, read_stage, stdout_target, write_stage
     from unclip_cli.stages.conditioning import TextCond
-    from unclip_cli.stages.priors import prior_kind, sample_prior
+    from unclip_cli.stages.priors import KINDS, prior_kind, sample_prior
 
     check_min("--steps", steps, 2)
     check_min("--candidates", candidates)
@@ -101,8 +101,7 @@ def prior(
     dev = resolve_device(device)
     gen, seed = make_generator(seed)
     ar = dict(temperature=temperature, top_p=top_p, similarity_percentile=similarity_percentile)
-    component = "prior" if prior_kind(ms, kind) == "diffusion" else "prior-ar"
-    with progress(component, quiet) as cb:
+    with progress(KINDS[prior_kind(ms, kind)], quiet) as cb:
         embed, settings = sample_prior(ms, dev, kind, cond, null_text(ms, dev), gen, steps=steps, guidance=guidance,
                                        candidates=candidates, callback=cb, **ar)
     meta = dict(stage.meta)
@@ -278,7 +277,7 @@ def generate(
     from unclip_cli.io import stdout_target, tensor_to_images, write_images
     from unclip_cli.stages.conditioning import TextCond
     from unclip_cli.stages.decode import run_decoder
-    from unclip_cli.stages.priors import prior_kind, sample_prior
+    from unclip_cli.stages.priors import KINDS, prior_kind, sample_prior
     from unclip_cli.stages.upsample import run_upsampler
 
     if size not in (64, 256, 1024):
@@ -290,7 +289,7 @@ def generate(
     target = stdout_target(output)
     ms = open_model_set(model)
     kind = prior_kind(ms, prior_kind_opt)
-    p_component = "prior" if kind == "diffusion" else "prior-ar"
+    p_component = KINDS[kind]
     needed = ["clip", p_component, "decoder"] + ["upsampler-256"] * (size >= 256) + ["upsampler-1024"] * (size == 1024)
     for component in needed:
         ms.require(component)

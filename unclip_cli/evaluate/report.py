@@ -170,6 +170,8 @@ def run_eval(
     on_batch(start, images, verdicts) is called after each batch (progress, saving images).
     Returns a JSON-ready report: settings, figures, targets and passes, per-prompt verdicts, timings.
     """
+    from unclip_cli.stages.priors import KINDS, prior_kind as resolve_kind
+
     scenes = eval_scenes(count, seed)
     generator = torch.Generator("cpu").manual_seed(seed)
     verdicts: list[Verdict] = []
@@ -188,8 +190,6 @@ def run_eval(
         if on_batch:
             on_batch(start, images, batch_verdicts)
     figures = aggregate(verdicts)
-    from unclip_cli.stages.priors import KINDS, prior_kind as resolve_kind
-
     kind = resolve_kind(ms, prior_kind)
     report = {
         "model": ms.name,

@@ -115,7 +115,7 @@ class ARPrior(nn.Module):
         """(B, D) image embeddings -> (B, K) codes in [0, num_buckets)."""
         k = self.kept
         coords = (image_embed.float() - self.pca_mean) @ self.pca_components[:k].T  # (B, K)
-        return torch.stack([torch.bucketize(coords[:, j].contiguous(), self.bucket_edges[j]) for j in range(k)], dim=1)
+        return torch.searchsorted(self.bucket_edges[:k], coords.T.contiguous()).T  # per-row edges; as bucketize
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, K) codes -> (B, D) image embeddings: bucket centres, then the inverse PCA."""

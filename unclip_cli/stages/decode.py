@@ -76,14 +76,18 @@ def run_decoder(
     batch = image_embed.shape[0]
     guided = guidance > 1.0 if guided is None else guided
     model_fn = decoder_model_fn(decoder, image_embed, cond, null, guidance, guided=guided)
-    channels = decoder.cfg.unet.in_channels
     diffusion = GaussianDiffusion.from_config(decoder.cfg.diffusion)
     timesteps = timesteps or respaced_timesteps(steps, diffusion.num_timesteps)
-    size = decoder.cfg.unet.sample_size
     if x_T is None:
-        x_T = draw_noise((batch, channels, size, size), generator, device)
+        x_T = draw_latent_noise(decoder, batch, generator)
     if eta is None:
         x = sample_ancestral(model_fn, x_T.to(device), diffusion, timesteps, generator=generator, callback=callback)
     else:
         x = sample_ddim(model_fn, x_T.to(device), diffusion, timesteps, eta=eta, generator=generator, callback=callback)
     return x.clamp(-1, 1)
+
+
+def draw_latent_noise(decoder: Decoder, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Fresh x_T for the decoder, (batch, C, S, S), drawn on the CPU."""
+    size, channels = decoder.cfg.unet.sample_size, decoder.cfg.unet.in_channels
+    return draw_noise((batch, channels, size, size), generator, "cpu")

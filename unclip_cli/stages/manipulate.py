@@ -12,14 +12,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from unclip_cli.diffusion.samplers import Callback, ModelFn, draw_noise
+from unclip_cli.diffusion.samplers import Callback, ModelFn
 from unclip_cli.diffusion.schedule import GaussianDiffusion, respaced_timesteps
 from unclip_cli.models.decoder import Decoder
-from unclip_cli.models.prior import DiffusionPrior
 from unclip_cli.stages.conditioning import TextCond
 from unclip_cli.stages.decode import decoder_model_fn, run_decoder
 from unclip_cli.stages.interpolate import slerp
-from unclip_cli.stages.prior import pick_best, run_prior
+from unclip_cli.stages.prior import pick_best
 
 # Inversion stops refining a step once DDIM from x_t lands this close to x_{t_prev} (pixels in [-1, 1]).
 INVERT_TOLERANCE = 1e-5
@@ -266,31 +265,7 @@ def mix(embeds: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     return (w[:, None] * embeds.double()).sum(0, keepdim=True).to(embeds.dtype)
 
 
-# ---------------------------------------------------------------------- best of K prior samples
-
-
-@torch.no_grad()
-def run_prior_best_of(
-    prior: DiffusionPrior,
-    cond: TextCond,
-    null: TextCond,
-    *,
-    candidates: int,
-    steps: int,
-    guidance: float,
-    generator: torch.Generator | None,
-    guided: bool | None = None,
-    callback: Callable[[int, int], None] | None = None,
-) -> torch.Tensor:
-    """K prior samples per prompt, keeping the one with the largest dot product with the text embedding.
-
-    The paper draws 2 (section 2.2). The K * B samples run as one batch (rows grouped by prompt:
-    the K candidates of prompt 0, then of prompt 1...), their noise drawn in one go; K = 1 is run_prior.
-    """
-    def sample(c: TextCond, n: TextCond) -> torch.Tensor:
-        return run_prior(prior, c, n, steps=steps, guidance=guidance, generator=generator, guided=guided, callback=callback)
-
-    return best_of(sample, cond, null, candidates)
+# ---------------------------------------------------------------------- best of K prior samples (the paper draws 2)
 
 
 def best_of(sample: Callable[[TextCond, TextCond], torch.Tensor], cond: TextCond, null: TextCond, candidates: int) -> torch.Tensor:
@@ -309,9 +284,3 @@ def best_of(sample: Callable[[TextCond, TextCond], torch.Tensor], cond: TextCond
     samples = sample(cond.repeat_interleave(candidates), null)  # (B * K, D)
     per_prompt = samples.reshape(batch, candidates, -1).transpose(0, 1)  # (K, B, D)
     return pick_best(per_prompt, cond.embed.to(samples.device))
-
-
-def draw_latent_noise(decoder: Decoder, batch: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Fresh x_T for the decoder, (batch, C, S, S), drawn on the CPU."""
-    size, channels = decoder.cfg.unet.sample_size, decoder.cfg.unet.in_channels
-    return draw_noise((batch, channels, size, size), generator, "cpu")

@@ -171,22 +171,29 @@ class PriorTask(Task):
             ]
         return [self.cond.image_embed(data["images"]), *self.cond.text(data["captions"])]
 
+    def statistics_embeddings(self, text: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image embeddings (N, D), text embeddings (N, D) if `text`) to fit data statistics on: the
+        whole --cache, else STATS_SAMPLES items of the source (the same draw on every rank)."""
+        if self.cache is not None:
+            rows = self.cache.get(torch.arange(len(self.cache)))
+            return rows["image_embed"], rows["text_embed"] if text else None
+        n = min(len(self.source), STATS_SAMPLES)
+        g = torch.Generator().manual_seed(0x5EED)
+        images_, texts = [], []
+        for start in range(0, n, 64):
+            images, captions, _ = self.source.sample(min(64, n - start), self.cond.image_size, g)
+            images_.append(self.cond.image_embed(images).cpu())
+            if text:
+                texts.append(self.cond.text(captions)[0].cpu())
+        return torch.cat(images_), torch.cat(texts) if text else None
+
     def setup(self, log):
         """clip_mean / clip_std from the data, unless the prior already has statistics (fine-tuning)."""
         p = self.module
         if not (bool((p.clip_mean == 0).all()) and bool((p.clip_std == 1).all())):
             log("prior: keeping its clip_mean / clip_std (already set)")
             return
-        if self.cache is not None:
-            embeds = self.cache.get(torch.arange(len(self.cache)))["image_embed"].double()
-        else:
-            n = min(len(self.source), STATS_SAMPLES)
-            g = torch.Generator().manual_seed(0x5EED)  # the same draw on every rank
-            parts = []
-            for start in range(0, n, 64):
-                images, _, _ = self.source.sample(min(64, n - start), self.cond.image_size, g)
-                parts.append(self.cond.image_embed(images).double().cpu())
-            embeds = torch.cat(parts)
+        embeds = self.statistics_embeddings()[0].double()
         mean = embeds.mean(0, keepdim=True)
         std = embeds.std(0, keepdim=True).nan_to_num(1.0).clamp_min(1e-5) if embeds.shape[0] > 1 else torch.ones_like(mean)
         with torch.no_grad():
@@ -242,17 +249,7 @@ class ARPriorTask(PriorTask):
         if p.fitted:
             log(f"prior-ar: keeping its PCA ({p.kept} dims) and buckets (already fitted)")
             return
-        if self.cache is not None:
-            rows = self.cache.get(torch.arange(len(self.cache)))
-            image_embed, text_embed = rows["image_embed"], rows["text_embed"]
-        else:
-            n = min(len(self.source), STATS_SAMPLES)
-            g = torch.Generator().manual_seed(0x5EED)  # the same draw on every rank
-            parts = []
-            for start in range(0, n, 64):
-                images, captions, _ = self.source.sample(min(64, n - start), self.cond.image_size, g)
-                parts.append((self.cond.image_embed(images).cpu(), self.cond.text(captions)[0].cpu()))
-            image_embed, text_embed = (torch.cat(x) for x in zip(*parts))
+        image_embed, text_embed = self.statistics_embeddings(text=True)
         report = p.fit_statistics(image_embed.to(p.pca_mean.device), text_embed.to(p.pca_mean.device))
         log(
             f"prior-ar: PCA of {report['embeddings']} image embeddings keeps {report['kept']} of {report['dims']} dims "
