@@ -11,6 +11,10 @@
 # its EMA weights and a resumable state); the model card records the steps each one reached, and
 # `unclip train ... --steps N` with those N reproduces the weights (same device and thread count).
 # Rerunning the script resumes every stage from its state.
+#
+# The small preset's decoder and upsamplers predict x0. The shipped set was begun with eps networks
+# (the preset before that change) and switched part-way with scripts/switch-to-x0.py; its model
+# card lists both phases. A run of this script trains x0 networks from the start.
 set -euo pipefail
 out=${1:?usage: train-default.sh OUT_DIR [MINUTES_SCALE]}
 scale=${2:-1}

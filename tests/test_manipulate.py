@@ -151,6 +151,35 @@ def test_latent_timesteps_skip_the_top_level():
 # ---------------------------------------------------------------------- inversion
 
 
+def test_x0_models_invert_through_their_eps_form():
+    from unclip_cli.diffusion.schedule import GaussianDiffusion
+    from unclip_cli.models.configs import DiffusionConfig
+    from unclip_cli.stages.manipulate import as_eps_model, ddim_invert_exact
+
+    x0_chain = GaussianDiffusion.from_config(DiffusionConfig(prediction="x0"))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 3, generator=g) * 0.3
+
+    def x0_model(x, t):  # a smooth x0 predictor: the posterior mean of N(0, 1) data plus a channel mix
+        return x0_chain.alpha_bar(t).sqrt() * x + 0.05 * torch.tanh(torch.einsum("ij,bjhw->bihw", w, x))
+
+    eps_model, eps_chain = as_eps_model(x0_model, x0_chain)
+    assert eps_chain.config.prediction == "eps"
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    for t, t_prev in ((959, 919), (500, 460), (40, 0)):
+        want, _ = x0_chain.ddim_step(x0_model(x, t), x, t, t_prev, 0.0, None)
+        got, _ = eps_chain.ddim_step(eps_model(x, t), x, t, t_prev, 0.0, None)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # and the exact inversion of that model decodes back with the x0 chain's own DDIM
+    images = torch.rand(2, 3, 8, 8, generator=g) * 1.6 - 0.8
+    steps = latent_timesteps(8)
+    x_T, residuals = ddim_invert_exact(eps_model, images, eps_chain, steps)
+    y = x_T
+    for t, t_prev in zip(steps, steps[1:] + [-1]):
+        y, _ = x0_chain.ddim_step(x0_model(y, t), y, t, t_prev, 0.0, None)
+    assert (y - images).abs().max() < 1e-2, residuals
+
+
 def test_ddim_inversion_then_eta0_decoding_reconstructs(trained_set, image_a):
     from unclip_cli.io import images_to_tensor
 

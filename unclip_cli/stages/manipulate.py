@@ -7,6 +7,8 @@ best-of-K prior sampling. No I/O, no progress bars (samplers take a callback).
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Callable, Sequence
 
 import torch
@@ -137,6 +139,21 @@ def latent_timesteps(steps: int, num_timesteps: int = 1000) -> list[int]:
 
 
 @torch.no_grad()
+def as_eps_model(model_fn: ModelFn, diffusion: GaussianDiffusion) -> tuple[ModelFn, GaussianDiffusion]:
+    """An x0-predicting model as the eps model with the same DDIM steps (eps = (x_t - sqrt(abar) x0) /
+    sqrt(1 - abar), x0 unclamped; the chain's clamp then acts on the same x0); eps models unchanged."""
+    if diffusion.config.prediction == "eps":
+        return model_fn, diffusion
+    channels_of = lambda out, x: out[:, : x.shape[1]]  # noqa: E731 (variance channels, if any, dropped)
+
+    def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+        abar = diffusion.alpha_bar(t)
+        return (x - abar.sqrt() * channels_of(model_fn(x, t), x)) / (1 - abar).sqrt()
+
+    eps_config = dataclasses.replace(diffusion.config, prediction="eps", variance="fixed_small_log")
+    return eps_fn, GaussianDiffusion.from_config(eps_config)
+
+
 def invert(
     decoder: Decoder,
     images: torch.Tensor,
@@ -156,8 +173,9 @@ def invert(
     ddim_invert_exact).
     """
     device = next(decoder.parameters()).device
-    model_fn = decoder_model_fn(decoder, image_embed, cond, null, guidance)
-    diffusion = GaussianDiffusion.from_config(decoder.cfg.diffusion)
+    model_fn, diffusion = as_eps_model(
+        decoder_model_fn(decoder, image_embed, cond, null, guidance), GaussianDiffusion.from_config(decoder.cfg.diffusion)
+    )
     timesteps = latent_timesteps(steps, diffusion.num_timesteps)
     x_T, residuals = ddim_invert_exact(
         model_fn, images.to(device).float(), diffusion, timesteps, refine=refine, callback=callback
