@@ -138,7 +138,6 @@ def latent_timesteps(steps: int, num_timesteps: int = 1000) -> list[int]:
     return respaced_timesteps(steps + 1, num_timesteps)[1:]
 
 
-@torch.no_grad()
 def as_eps_model(model_fn: ModelFn, diffusion: GaussianDiffusion) -> tuple[ModelFn, GaussianDiffusion]:
     """An x0-predicting model as the eps model with the same DDIM steps (eps = (x_t - sqrt(abar) x0) /
     sqrt(1 - abar), x0 unclamped; the chain's clamp then acts on the same x0); eps models unchanged."""
@@ -154,6 +153,7 @@ def as_eps_model(model_fn: ModelFn, diffusion: GaussianDiffusion) -> tuple[Model
     return eps_fn, GaussianDiffusion.from_config(eps_config)
 
 
+@torch.no_grad()
 def invert(
     decoder: Decoder,
     images: torch.Tensor,
