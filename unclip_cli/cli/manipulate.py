@@ -83,11 +83,11 @@ def _invert_images(ms, dev, images, steps, guidance, refine, quiet):
     return embed, x_T.cpu(), psnr
 
 
-def _latent_of(source, ms, dev, *, steps, guidance, refine, quiet, need_noise: bool, item=None) -> Latent:
+def _latent_of(source, ms, dev, *, steps, guidance, refine, quiet, need_noise: bool, read=None) -> Latent:
     """An image, latent file or embedding file -> Latent (inverting an image when need_noise).
 
-    item: the (kind, content) `_read_item(source)` already gave, else it is read here."""
-    kind, item = item or _read_item(source)
+    read: the (kind, content) `_read_item(source)` already gave, else it is read here."""
+    kind, item = read or _read_item(source)
     if kind == "image":
         if not need_noise:
             return Latent(ms.load("clip", dev).encode_image([item]).cpu(), None, source=source)
@@ -270,7 +270,7 @@ def interpolate(
         for source, (kind, item) in zip((a, b), items):
             if kind == "stage":
                 _refuse_bare_embedding(source, item)
-    la, lb = (_latent_of(s, ms, dev, item=it, **common) for s, it in zip((a, b), items))
+    la, lb = (_latent_of(s, ms, dev, read=it, **common) for s, it in zip((a, b), items))
     steps, guidance = _decoder_settings(ms, steps, guidance, *((la, lb) if invert else ()))
     embeds = slerp_frames(la.embed, lb.embed, frames)  # (N, D)
     net = ms.load("decoder", dev)

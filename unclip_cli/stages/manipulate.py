@@ -8,7 +8,6 @@ best-of-K prior sampling. No I/O, no progress bars (samplers take a callback).
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Callable, Sequence
 
 import torch
@@ -143,11 +142,9 @@ def as_eps_model(model_fn: ModelFn, diffusion: GaussianDiffusion) -> tuple[Model
     sqrt(1 - abar), x0 unclamped; the chain's clamp then acts on the same x0); eps models unchanged."""
     if diffusion.config.prediction == "eps":
         return model_fn, diffusion
-    channels_of = lambda out, x: out[:, : x.shape[1]]  # noqa: E731 (variance channels, if any, dropped)
 
     def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-        abar = diffusion.alpha_bar(t)
-        return (x - abar.sqrt() * channels_of(model_fn(x, t), x)) / (1 - abar).sqrt()
+        return diffusion.predict_eps_from_x0(x, t, model_fn(x, t)[:, : x.shape[1]])  # variance channels dropped
 
     eps_config = dataclasses.replace(diffusion.config, prediction="eps", variance="fixed_small_log")
     return eps_fn, GaussianDiffusion.from_config(eps_config)
