@@ -303,3 +303,56 @@ def test_known_exclamation_divergence_from_transformers(enc, tmp_path):
     assert out.input_ids[0, :4].tolist() == [49406, 3306, 0, 49407]
     assert torch.equal(ids == 256, (out.input_ids == 0) & out.attention_mask.bool())
     assert torch.equal(mask, out.attention_mask.bool())
+
+
+# --------------------------------------------------------------------------- text tower without open_clip
+
+LIGHT_CONFIGS = {
+    "tiny": TINY_CLIP_CONFIG,
+    "gelu": {**TINY_CLIP_CONFIG, "quick_gelu": False},
+    "proj-bias-mlp2": {**TINY_CLIP_CONFIG, "text_cfg": {**TINY_CLIP_CONFIG["text_cfg"], "proj_bias": True, "mlp_ratio": 2.0}},
+    "canonicalize": {**TINY_CLIP_CONFIG, "text_cfg": {**TINY_CLIP_CONFIG["text_cfg"], "tokenizer_kwargs": {"clean": "canonicalize"}}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(LIGHT_CONFIGS))
+def test_light_text_tower_is_bitwise_open_clip(tmp_path, name):
+    from unclip_cli.models.clip_text import TextTower
+
+    write_clip_dir(tmp_path, LIGHT_CONFIGS[name], seed=5)
+    light = ClipEncoder.load(tmp_path)
+    assert isinstance(light._text, TextTower) and light._model is None
+    full = ClipEncoder.load(tmp_path)
+    full.model  # noqa: B018 (builds open_clip's model, which then runs the text)
+    assert isinstance(full._text, open_clip.CLIP)
+    assert (light.embed_dim, light.text_width, light.context_length) == (full.embed_dim, full.text_width, full.context_length)
+    ids = open_clip.get_tokenizer("local-dir:" + str(tmp_path))(PROMPTS)
+    assert torch.equal(light.tokenize(PROMPTS)[0], ids)
+    for a, b in zip(light.encode_text(PROMPTS), full.encode_text(PROMPTS)):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(light.encode_text(PROMPTS)[0], full.model.encode_text(ids), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("change", [{"ls_init_value": 0.1}, {"pool_type": "last"}, {"no_causal_mask": True}])
+def test_other_text_towers_use_open_clip(tmp_path, change):
+    write_clip_dir(tmp_path, {**TINY_CLIP_CONFIG, "text_cfg": {**TINY_CLIP_CONFIG["text_cfg"], **change}}, seed=6)
+    enc = ClipEncoder.load(tmp_path)
+    assert enc._model is not None and enc._text is enc._model
+    ids, _ = enc.tokenize(PROMPTS)
+    torch.testing.assert_close(enc.encode_text(PROMPTS)[0], enc.model.encode_text(ids), atol=1e-6, rtol=0)
+
+
+def test_light_tower_reads_only_text_tensors(tmp_path):
+    """A vision tensor the text does not need may be anything; a missing text tensor falls back."""
+    from safetensors.torch import load_file, save_file
+
+    from unclip_cli.models.clip_text import load_text_tower
+
+    write_clip_dir(tmp_path, TINY_CLIP_CONFIG, seed=7)
+    state = load_file(tmp_path / "open_clip_model.safetensors")
+    assert load_text_tower(tmp_path, torch.device("cpu")) is not None
+    del state["ln_final.bias"]
+    save_file(state, tmp_path / "open_clip_model.safetensors")
+    assert load_text_tower(tmp_path, torch.device("cpu")) is None
+    with pytest.raises(RuntimeError, match="ln_final.bias"):  # open_clip's loader then names it
+        ClipEncoder.load(tmp_path)

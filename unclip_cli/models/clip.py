@@ -2,9 +2,10 @@
 
 A model set keeps its CLIP in open_clip's `local-dir:` layout, a folder holding
 `open_clip_config.json` ({"model_cfg": ..., "preprocess_cfg": ...}) and
-`open_clip_model.safetensors`. open_clip builds the modules; the text forward is written here
-(against the attributes of open_clip's CLIP / TextTransformer) because unCLIP needs the
-per-token hidden states, which open_clip's `encode_text` does not return.
+`open_clip_model.safetensors`. open_clip builds the modules (or, for the text alone, clip_text.py
+builds the same ones without importing open_clip); the text forward is written here (against the
+attributes of open_clip's CLIP / TextTransformer) because unCLIP needs the per-token hidden states,
+which open_clip's `encode_text` does not return.
 
 What the Karlo / diffusers pipeline uses, and what this module returns:
   text_embed   projected EOT token, not L2-normalized (HF `text_embeds`)
@@ -25,19 +26,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.transformer import ResidualAttentionBlock, TextTransformer, text_global_pool
 from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
 from ..io import save_weights
+from .clip_text import CONFIG_NAME, WEIGHTS_NAME, TextTower, TextBlocks, load_text_tower, load_tokenizer
 
-CONFIG_NAME = "open_clip_config.json"
-WEIGHTS_NAME = "open_clip_model.safetensors"
+# open_clip itself is imported where a full model is built (see clip_text.py for why): the text-only
+# commands run on clip_text's tower and never import it.
+
+# OpenAI CLIP's pixel statistics (open_clip.constants.OPENAI_DATASET_MEAN / _STD)
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 # Top-level key of open_clip_config.json marking a placeholder vision tower (convert/diffusers_clip.py
 # writes one for snapshots without an image encoder); open_clip itself ignores it.
 VISION_PLACEHOLDER_KEY = "vision_placeholder"
@@ -65,6 +68,8 @@ _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "random": Ima
 
 def _create(path: Path, load_weights: bool) -> nn.Module:
     """open_clip model from a local-dir folder; never touches the network."""
+    import open_clip
+
     return open_clip.create_model(
         "local-dir:" + str(path),
         load_weights=load_weights,
@@ -115,44 +120,76 @@ def _square_size(size) -> int:
 
 
 class ClipEncoder:
-    """A frozen open_clip model with the text outputs unCLIP needs."""
+    """A frozen open_clip model with the text outputs unCLIP needs.
 
-    def __init__(self, model: nn.Module, tokenizer, device: torch.device, has_vision: bool = True):
-        self.model = model.eval().requires_grad_(False)
+    Loaded from a folder with a standard text tower (`ClipEncoder.load`), it starts on clip_text's
+    copy of that tower alone; the full open_clip model (`.model`: image encoder, preprocessing
+    settings, training) is built the first time something asks for it, and then serves the text too.
+    """
+
+    def __init__(self, model: nn.Module | None, tokenizer, device: torch.device, has_vision: bool = True,
+                 *, text: TextTower | None = None, folder: Path | None = None):
         self.has_vision = has_vision  # False: a placeholder vision tower (text-only CLIP)
         self.tokenizer = tokenizer
         self.device = device
+        self._model, self._folder = None, folder
+        if not hasattr(tokenizer, "eot_token_id"):
+            raise ValueError(f"unsupported CLIP tokenizer {type(tokenizer).__name__}: need open_clip's SimpleTokenizer")
+        if model is not None:
+            self._use_model(model)
+        elif text is not None and folder is not None:
+            self._set_text(text, "argmax", None)
+        else:
+            raise ValueError("ClipEncoder needs an open_clip model, or a text tower and the folder to build one from")
+
+    def _set_text(self, text: nn.Module, pool_type: str, eos_id: int | None) -> None:
+        self._text, self._pool_type, self._eos_id = text, pool_type, eos_id
+        self.text_width: int = text.transformer.width
+        proj = text.text_projection
+        if proj is None:
+            self.embed_dim: int = self.text_width
+        else:
+            self.embed_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+        self.context_length: int = text.context_length
+
+    def _use_model(self, model: nn.Module) -> None:
+        import open_clip
+        from open_clip.transformer import TextTransformer
+
+        model = model.eval().requires_grad_(False)
         if isinstance(model, open_clip.CLIP):
-            self._text = model  # text modules live on the CLIP itself
-            self._pool_type, self._eos_id = model.text_pool_type, model.text_eos_id
+            self._set_text(model, model.text_pool_type, model.text_eos_id)  # text modules live on the CLIP itself
         elif isinstance(getattr(model, "text", None), TextTransformer):
-            self._text = model.text
             if model.text.cls_emb is not None or model.text.use_pad_mask:
                 raise ValueError("CLIP text towers with a class token or a padding mask are not supported")
-            self._pool_type, self._eos_id = model.text.pool_type, model.text.eos_id
+            self._set_text(model.text, model.text.pool_type, model.text.eos_id)
         else:
             raise ValueError(
                 f"unsupported CLIP text tower ({type(getattr(model, 'text', model)).__name__}): "
                 "need open_clip's own text transformer"
             )
-        if not hasattr(tokenizer, "eot_token_id"):
-            raise ValueError(f"unsupported CLIP tokenizer {type(tokenizer).__name__}: need open_clip's SimpleTokenizer")
-
         pp = open_clip.get_model_preprocess_cfg(model)
-        self.preprocess_cfg = pp
-        self.text_width: int = self._text.transformer.width
-        proj = self._text.text_projection
-        if proj is None:
-            self.embed_dim: int = self.text_width
-        else:
-            self.embed_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
-        self.context_length: int = self._text.context_length
-        self.image_size: int = _square_size(pp["size"])
+        image_size = _square_size(pp["size"])
         if pp.get("resize_mode", "shortest") not in ("shortest", "squash"):
             raise ValueError(f"unsupported CLIP resize_mode {pp['resize_mode']!r}")
+        self._model = model
+        self.preprocess_cfg = pp
+        self._image_size = image_size
         self._resample = _RESAMPLE[pp.get("interpolation", "bicubic")]
         self._mean = torch.tensor(pp["mean"], dtype=torch.float32)[:, None, None]  # (3, 1, 1)
         self._std = torch.tensor(pp["std"], dtype=torch.float32)[:, None, None]
+
+    @property
+    def model(self) -> nn.Module:
+        """The whole open_clip model (built from the folder on first use)."""
+        if self._model is None:
+            self._use_model(_create(self._folder, load_weights=True).to(self.device))
+        return self._model
+
+    @property
+    def image_size(self) -> int:
+        self.model  # noqa: B018 (the vision settings come with the full model)
+        return self._image_size
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu") -> "ClipEncoder":
@@ -166,9 +203,14 @@ class ClipEncoder:
             placeholder = bool(json.loads((path / CONFIG_NAME).read_text()).get(VISION_PLACEHOLDER_KEY, False))
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise UserError(f"{path / CONFIG_NAME}: not a valid open_clip config ({e})") from None
+        text = load_text_tower(path, device)
+        if text is not None:
+            return cls(None, load_tokenizer(path), device, has_vision=not placeholder, text=text, folder=path)
+        import open_clip
+
         model = _create(path, load_weights=True).to(device)
         tokenizer = open_clip.get_tokenizer("local-dir:" + str(path))
-        return cls(model, tokenizer, device, has_vision=not placeholder)
+        return cls(model, tokenizer, device, has_vision=not placeholder, folder=path)
 
     # ------------------------------------------------------------------ text
 
@@ -198,7 +240,7 @@ class ClipEncoder:
             attn_mask = None if t.attn_mask is None else t.attn_mask[:L, :L]  # causal, additive -inf
             x = t.transformer(x, attn_mask=attn_mask)
         hidden = t.ln_final(x)  # (B, L, W)
-        pooled = text_global_pool(hidden, ids, self._pool_type, eos_token_id=self._eos_id)  # (B, W)
+        pooled = _text_pool(hidden, ids, self._pool_type, self._eos_id)  # (B, W)
         proj = t.text_projection
         if proj is None:
             embed = pooled
@@ -255,13 +297,31 @@ class ClipEncoder:
 
 
 def _hf_compatible(transformer: nn.Module) -> bool:
-    """open_clip's standard pre-norm blocks (no layer scale, no extra norms), batch first."""
+    """open_clip's standard pre-norm blocks (no layer scale, no extra norms), batch first; clip_text's blocks."""
+    if isinstance(transformer, TextBlocks):
+        return True
+    from open_clip.transformer import ResidualAttentionBlock
+
     return getattr(transformer, "batch_first", False) and all(
         type(b) is ResidualAttentionBlock
         and isinstance(b.ls_1, nn.Identity) and isinstance(b.ls_2, nn.Identity)
         and not hasattr(b, "ln_1_kv") and b.attn.in_proj_weight is not None and b.attn.in_proj_bias is not None
         for b in transformer.resblocks
     )
+
+
+def _text_pool(x: torch.Tensor, ids: torch.Tensor, pool_type: str, eos_id: int | None) -> torch.Tensor:
+    """open_clip's text_global_pool: (B, L, W) token states -> (B, W)."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    if pool_type == "first":
+        return x[:, 0]
+    if pool_type == "last":
+        return x[:, -1]
+    if pool_type == "argmax":  # the EOT token has the highest id
+        return x[rows, ids.argmax(dim=-1)]
+    if pool_type == "eos":
+        return x[rows, (ids == eos_id).int().argmax(dim=-1)]
+    return x
 
 
 def _hf_compatible_vision(visual: nn.Module | None) -> bool:

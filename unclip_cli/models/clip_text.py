@@ -1,0 +1,171 @@
+"""CLIP's text tower built without importing open_clip, for the commands that only encode prompts.
+
+`import open_clip` costs about 2 s on the 2-core CPU machine (its package imports torchvision,
+which imports torch._dynamo, and transformers where installed), more than `generate --size 64`
+spends sampling. For the text tower of an open_clip `CLIP` with standard blocks (what open_clip's
+OpenAI-style configs, Karlo's ViT-L/14 and this project's presets build) this module makes the same
+modules under the same parameter names and loads only the text tensors of
+`open_clip_model.safetensors`; `ClipEncoder` runs its text forward over them exactly as over
+open_clip's own modules. Prompts are tokenized by open_clip's tokenizer module itself, loaded from
+the installed package without running the package's `__init__`.
+
+A config using anything else (HF text towers, layer scale, custom blocks, a class token, another
+pooling or tokenizer) gets None from `load_text_tower`, and the caller builds the full open_clip
+model instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+
+# open_clip CLIPTextCfg fields this tower builds, and the one value each may take when it matters.
+_TEXT_FIXED = {
+    "hf_tokenizer_name": None, "tokenizer_mode": None, "ls_init_value": None, "embed_cls": False,
+    "no_causal_mask": False, "final_ln_after_pool": False, "pool_type": "argmax", "proj_type": "linear",
+    "output_tokens": False, "act_kwargs": None, "norm_kwargs": None, "block_type": None, "qk_norm": False,
+    "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
+    "scale_fc": False, "hf_model_name": None,
+}
+_TEXT_FREE = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "proj_bias", "pad_id",
+              "eos_id", "tokenizer_kwargs", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type"}
+_TEXT_DEFAULTS = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12,
+                  "mlp_ratio": 4.0, "proj_bias": False}
+# model_cfg keys besides the towers that change nothing in the text forward
+_MODEL_FREE = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_scale", "init_logit_bias",
+               "nonscalar_logit_scale", "custom_text"}
+
+
+def plain_text_config(model_cfg: dict) -> dict | None:
+    """The text settings of an open_clip model config this module can build, else None."""
+    if not isinstance(model_cfg, dict) or set(model_cfg) - _MODEL_FREE or model_cfg.get("custom_text"):
+        return None
+    text = model_cfg.get("text_cfg", {})
+    if not isinstance(text, dict) or set(text) - _TEXT_FREE - set(_TEXT_FIXED):
+        return None
+    if any(text.get(k, v) != v for k, v in _TEXT_FIXED.items()):
+        return None
+    out = {k: text.get(k, v) for k, v in _TEXT_DEFAULTS.items()}
+    out.update(embed_dim=int(model_cfg["embed_dim"]), quick_gelu=bool(model_cfg.get("quick_gelu", False)),
+               tokenizer_kwargs=dict(text.get("tokenizer_kwargs") or {}))
+    return out
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's activation, the same expression as open_clip's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class _Block(nn.Module):
+    """open_clip's ResidualAttentionBlock's modules (pre-norm attention and MLP), batch first."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, quick_gelu: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, mlp_width)),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(mlp_width, width)),
+        ]))
+
+
+class TextBlocks(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, quick_gelu: bool):
+        super().__init__()
+        self.width, self.batch_first = width, True
+        self.resblocks = nn.ModuleList([_Block(width, heads, mlp_width, quick_gelu) for _ in range(layers)])
+
+
+class TextTower(nn.Module):
+    """The text attributes of open_clip's `CLIP`, under its parameter names (`token_embedding`, ...)."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        W, L = int(cfg["width"]), int(cfg["context_length"])
+        self.context_length = L
+        self.token_embedding = nn.Embedding(int(cfg["vocab_size"]), W)
+        self.positional_embedding = nn.Parameter(torch.empty(L, W))
+        self.transformer = TextBlocks(W, int(cfg["layers"]), int(cfg["heads"]), int(W * cfg["mlp_ratio"]), cfg["quick_gelu"])
+        self.ln_final = nn.LayerNorm(W)
+        if cfg["proj_bias"]:
+            self.text_projection = nn.Linear(W, cfg["embed_dim"])
+        else:
+            self.text_projection = nn.Parameter(torch.empty(W, cfg["embed_dim"]))
+        # causal, additive (open_clip's build_causal_mask); not in the weights file
+        self.register_buffer("attn_mask", torch.full((L, L), float("-inf")).triu(1), persistent=False)
+
+
+def load_text_tower(folder: Path, device: torch.device) -> TextTower | None:
+    """The text tower of the open_clip folder `folder`, or None where the full model is needed."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        return None
+    try:
+        cfg = plain_text_config(json.loads((folder / CONFIG_NAME).read_text())["model_cfg"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if cfg is None:
+        return None
+    with torch.device("meta"):  # no random init: every parameter comes from the file
+        tower = TextTower(cfg)
+    wanted = tower.state_dict()
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if not set(wanted) <= set(f.keys()):
+                return None
+            state = {k: f.get_tensor(k) for k in wanted}
+    except Exception:  # a corrupt file: the full loader reports it
+        return None
+    if any(state[k].shape != v.shape for k, v in wanted.items()):
+        return None
+    tower.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    L = tower.context_length
+    tower.attn_mask = torch.full((L, L), float("-inf")).triu(1)
+    return tower.eval().requires_grad_(False).to(device)
+
+
+def load_tokenizer(folder: Path):
+    """open_clip's SimpleTokenizer for the folder's config, as `open_clip.get_tokenizer` makes it."""
+    cfg = plain_text_config(json.loads((Path(folder) / CONFIG_NAME).read_text())["model_cfg"])
+    module = _open_clip_tokenizer_module()
+    return module.SimpleTokenizer(context_length=cfg["context_length"], **cfg["tokenizer_kwargs"])
+
+
+def _open_clip_tokenizer_module():
+    """`open_clip.tokenizer`, without importing the rest of open_clip where it is not loaded yet."""
+    if "open_clip" in sys.modules:
+        import open_clip.tokenizer
+
+        return open_clip.tokenizer
+    name = "unclip_cli._open_clip_tokenizer"
+    if name in sys.modules:
+        return sys.modules[name]
+    package = importlib.util.find_spec("open_clip")  # finds the package without running it
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("open_clip is not installed")
+    path = Path(list(package.submodule_search_locations)[0]) / "tokenizer.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
