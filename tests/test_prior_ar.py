@@ -154,6 +154,13 @@ def test_transformer_overfits_a_tiny_batch_then_pipes_into_decode(cli, ar_set):
     best = ok(cli("prior", *m, "--kind", "ar", "-k", "2", "--seed", "3", "-q", stdin=text)).out
     assert load_st(best)["image_embed"].shape == (2, 32)
     assert png_size(ok(cli("generate", "a red star", *m, "--prior-kind", "ar", "--size", "64", "--seed", "0", "-q")).out) == (64, 64)
+    # mix's text items go through the prior --kind names
+    one = ok(cli("encode-text", "a red star on a blue background", *m)).out
+    want = load_st(ok(cli("prior", *m, "--kind", "ar", "--seed", "4", "-q", stdin=one)).out)["image_embed"]
+    mixed = load_st(ok(cli("mix", "text:a red star on a blue background", *m, "--kind", "ar", "--seed", "4", "-q")).out)
+    assert torch.equal(mixed["image_embed"], want)
+    diffusion = load_st(ok(cli("mix", "text:a red star on a blue background", *m, "--seed", "4", "-q")).out)
+    assert not torch.allclose(diffusion["image_embed"], want)
 
 
 def test_untrained_ar_prior_and_bad_kind_are_refused(cli, tiny_set):

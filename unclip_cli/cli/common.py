@@ -53,6 +53,9 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar."
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed (default: a fresh one, recorded in the output).")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (default: the model set's).")]
 GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", "-g", help="Classifier-free guidance scale (default: the model set's).")]
+KindOpt = Annotated[
+    Optional[str], typer.Option("--kind", help="Prior: diffusion or ar (default: the model set's prior_kind, else diffusion).")
+]
 
 
 def resolve_device(option: str | None):

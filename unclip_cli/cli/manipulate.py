@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from unclip_cli.cli.common import (
-    DeviceOpt, GuidanceOpt, ModelOpt, OutputOpt, QuietOpt, SeedOpt, StepsOpt,
+    DeviceOpt, GuidanceOpt, KindOpt, ModelOpt, OutputOpt, QuietOpt, SeedOpt, StepsOpt,
     app, check_min, make_generator, null_text, open_model_set, progress, resolve_device, stage_meta,
 )
 from unclip_cli.errors import UserError
@@ -391,6 +391,7 @@ def mix_cmd(
     model: ModelOpt = None,
     steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
+    kind: KindOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
@@ -398,7 +399,7 @@ def mix_cmd(
     """A weighted linear mix of image embeddings, as Kandinsky 2.2's `interpolate`: sum_k w_k z_k.
 
     Images are encoded with CLIP; text:PROMPT items become image embeddings through the prior
-    (with --steps, --guidance, --seed). Linear, unlike slerp: mixing two directions shortens the
+    (with --kind, --steps, --guidance, --seed). Linear, unlike slerp: mixing two directions shortens the
     vector. Writes an image-embedding file for `decode`.
     """
     import torch
@@ -425,7 +426,7 @@ def mix_cmd(
         cond = TextCond(*clip.encode_text(texts))
         gen, seed = make_generator(seed)
         with progress("prior", quiet) as cb:
-            found, _ = sample_prior(ms, dev, None, cond, null_text(ms, dev), gen, steps=steps, guidance=guidance, callback=cb)
+            found, _ = sample_prior(ms, dev, kind, cond, null_text(ms, dev), gen, steps=steps, guidance=guidance, callback=cb)
         prompt_embeds = iter(found.cpu())
     embeds = []
     for it in items:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from unclip_cli.cli.common import (
-    DeviceOpt, GuidanceOpt, ModelOpt, OutputOpt, QuietOpt, SeedOpt, StepsOpt,
+    DeviceOpt, GuidanceOpt, KindOpt, ModelOpt, OutputOpt, QuietOpt, SeedOpt, StepsOpt,
     resolve_device, make_generator, null_text, open_model_set, check_min, progress, read_prompts, stage_meta, app,
 )
 from unclip_cli.errors import UserError
@@ -54,11 +54,6 @@ def encode_image(
     embed = clip.encode_image([img for img, _ in items])
     meta = stage_meta(ms, images=[name for _, name in items])
     write_stage(StageFile("image", {"image_embed": embed}, meta), target)
-
-
-KindOpt = Annotated[
-    Optional[str], typer.Option("--kind", help="Prior: diffusion or ar (default: the model set's prior_kind, else diffusion).")
-]
 
 
 @app.command("prior")
