@@ -350,9 +350,9 @@ def test_light_tower_reads_only_text_tensors(tmp_path):
 
     write_clip_dir(tmp_path, TINY_CLIP_CONFIG, seed=7)
     state = load_file(tmp_path / "open_clip_model.safetensors")
-    assert load_text_tower(tmp_path, torch.device("cpu")) is not None
+    assert load_text_tower(tmp_path, TINY_CLIP_CONFIG, torch.device("cpu")) is not None
     del state["ln_final.bias"]
     save_file(state, tmp_path / "open_clip_model.safetensors")
-    assert load_text_tower(tmp_path, torch.device("cpu")) is None
+    assert load_text_tower(tmp_path, TINY_CLIP_CONFIG, torch.device("cpu")) is None
     with pytest.raises(RuntimeError, match="ln_final.bias"):  # open_clip's loader then names it
         ClipEncoder.load(tmp_path)

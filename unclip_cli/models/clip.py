@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -138,12 +139,13 @@ class ClipEncoder:
         if model is not None:
             self._use_model(model)
         elif text is not None and folder is not None:
-            self._set_text(text, "argmax", None)
+            self._set_text(text, _eot_pool)  # plain_text_config admits argmax pooling only
         else:
             raise ValueError("ClipEncoder needs an open_clip model, or a text tower and the folder to build one from")
 
-    def _set_text(self, text: nn.Module, pool_type: str, eos_id: int | None) -> None:
-        self._text, self._pool_type, self._eos_id = text, pool_type, eos_id
+    def _set_text(self, text: nn.Module, pool) -> None:
+        """pool: (hidden (B, L, W), ids (B, L)) -> (B, W)."""
+        self._text, self._pool = text, pool
         self.text_width: int = text.transformer.width
         proj = text.text_projection
         if proj is None:
@@ -154,15 +156,15 @@ class ClipEncoder:
 
     def _use_model(self, model: nn.Module) -> None:
         import open_clip
-        from open_clip.transformer import TextTransformer
+        from open_clip.transformer import TextTransformer, text_global_pool
 
         model = model.eval().requires_grad_(False)
-        if isinstance(model, open_clip.CLIP):
-            self._set_text(model, model.text_pool_type, model.text_eos_id)  # text modules live on the CLIP itself
+        if isinstance(model, open_clip.CLIP):  # text modules live on the CLIP itself
+            self._set_text(model, partial(text_global_pool, pool_type=model.text_pool_type, eos_token_id=model.text_eos_id))
         elif isinstance(getattr(model, "text", None), TextTransformer):
             if model.text.cls_emb is not None or model.text.use_pad_mask:
                 raise ValueError("CLIP text towers with a class token or a padding mask are not supported")
-            self._set_text(model.text, model.text.pool_type, model.text.eos_id)
+            self._set_text(model.text, partial(text_global_pool, pool_type=model.text.pool_type, eos_token_id=model.text.eos_id))
         else:
             raise ValueError(
                 f"unsupported CLIP text tower ({type(getattr(model, 'text', model)).__name__}): "
@@ -200,12 +202,13 @@ class ClipEncoder:
             raise UserError(f"{path}: CLIP weights missing")
         device = torch.device(device)
         try:
-            placeholder = bool(json.loads((path / CONFIG_NAME).read_text()).get(VISION_PLACEHOLDER_KEY, False))
+            config = json.loads((path / CONFIG_NAME).read_text())
+            placeholder = bool(config.get(VISION_PLACEHOLDER_KEY, False))
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise UserError(f"{path / CONFIG_NAME}: not a valid open_clip config ({e})") from None
-        text = load_text_tower(path, device)
+        text = load_text_tower(path, config.get("model_cfg"), device)
         if text is not None:
-            return cls(None, load_tokenizer(path), device, has_vision=not placeholder, text=text, folder=path)
+            return cls(None, load_tokenizer(text.cfg), device, has_vision=not placeholder, text=text, folder=path)
         import open_clip
 
         model = _create(path, load_weights=True).to(device)
@@ -240,7 +243,7 @@ class ClipEncoder:
             attn_mask = None if t.attn_mask is None else t.attn_mask[:L, :L]  # causal, additive -inf
             x = t.transformer(x, attn_mask=attn_mask)
         hidden = t.ln_final(x)  # (B, L, W)
-        pooled = _text_pool(hidden, ids, self._pool_type, self._eos_id)  # (B, W)
+        pooled = self._pool(hidden, ids)  # (B, W)
         proj = t.text_projection
         if proj is None:
             embed = pooled
@@ -310,18 +313,9 @@ def _hf_compatible(transformer: nn.Module) -> bool:
     )
 
 
-def _text_pool(x: torch.Tensor, ids: torch.Tensor, pool_type: str, eos_id: int | None) -> torch.Tensor:
-    """open_clip's text_global_pool: (B, L, W) token states -> (B, W)."""
-    rows = torch.arange(x.shape[0], device=x.device)
-    if pool_type == "first":
-        return x[:, 0]
-    if pool_type == "last":
-        return x[:, -1]
-    if pool_type == "argmax":  # the EOT token has the highest id
-        return x[rows, ids.argmax(dim=-1)]
-    if pool_type == "eos":
-        return x[rows, (ids == eos_id).int().argmax(dim=-1)]
-    return x
+def _eot_pool(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """open_clip's `argmax` text pooling: the state at the EOT token (the highest id), (B, L, W) -> (B, W)."""
+    return x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
 
 
 def _hf_compatible_vision(visual: nn.Module | None) -> bool:

@@ -17,7 +17,6 @@ model instead.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -47,7 +46,7 @@ _MODEL_FREE = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_
 
 def plain_text_config(model_cfg: dict) -> dict | None:
     """The text settings of an open_clip model config this module can build, else None."""
-    if not isinstance(model_cfg, dict) or set(model_cfg) - _MODEL_FREE or model_cfg.get("custom_text"):
+    if not isinstance(model_cfg, dict) or "embed_dim" not in model_cfg or set(model_cfg) - _MODEL_FREE or model_cfg.get("custom_text"):
         return None
     text = model_cfg.get("text_cfg", {})
     if not isinstance(text, dict) or set(text) - _TEXT_FREE - set(_TEXT_FIXED):
@@ -94,6 +93,7 @@ class TextTower(nn.Module):
 
     def __init__(self, cfg: dict):
         super().__init__()
+        self.cfg = cfg  # plain_text_config's dict (the tokenizer's settings too)
         W, L = int(cfg["width"]), int(cfg["context_length"])
         self.context_length = L
         self.token_embedding = nn.Embedding(int(cfg["vocab_size"]), W)
@@ -104,23 +104,22 @@ class TextTower(nn.Module):
             self.text_projection = nn.Linear(W, cfg["embed_dim"])
         else:
             self.text_projection = nn.Parameter(torch.empty(W, cfg["embed_dim"]))
-        # causal, additive (open_clip's build_causal_mask); not in the weights file
-        self.register_buffer("attn_mask", torch.full((L, L), float("-inf")).triu(1), persistent=False)
+
+    @property
+    def attn_mask(self) -> torch.Tensor:
+        """Causal, additive (open_clip's build_causal_mask); the text forward makes its own from L."""
+        L = self.context_length
+        return torch.full((L, L), float("-inf"), device=self.positional_embedding.device).triu(1)
 
 
-def load_text_tower(folder: Path, device: torch.device) -> TextTower | None:
-    """The text tower of the open_clip folder `folder`, or None where the full model is needed."""
+def load_text_tower(folder: Path, model_cfg, device: torch.device) -> TextTower | None:
+    """The text tower of the open_clip folder `folder` (its config's `model_cfg`), or None where the
+    full model is needed."""
     from safetensors import safe_open
 
-    folder = Path(folder)
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        return None
-    try:
-        cfg = plain_text_config(json.loads((folder / CONFIG_NAME).read_text())["model_cfg"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if cfg is None:
+    weights = Path(folder) / WEIGHTS_NAME
+    cfg = plain_text_config(model_cfg)
+    if cfg is None or not weights.is_file():
         return None
     with torch.device("meta"):  # no random init: every parameter comes from the file
         tower = TextTower(cfg)
@@ -135,14 +134,11 @@ def load_text_tower(folder: Path, device: torch.device) -> TextTower | None:
     if any(state[k].shape != v.shape for k, v in wanted.items()):
         return None
     tower.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    L = tower.context_length
-    tower.attn_mask = torch.full((L, L), float("-inf")).triu(1)
     return tower.eval().requires_grad_(False).to(device)
 
 
-def load_tokenizer(folder: Path):
-    """open_clip's SimpleTokenizer for the folder's config, as `open_clip.get_tokenizer` makes it."""
-    cfg = plain_text_config(json.loads((Path(folder) / CONFIG_NAME).read_text())["model_cfg"])
+def load_tokenizer(cfg: dict):
+    """open_clip's SimpleTokenizer for a plain_text_config, as `open_clip.get_tokenizer` makes it."""
     module = _open_clip_tokenizer_module()
     return module.SimpleTokenizer(context_length=cfg["context_length"], **cfg["tokenizer_kwargs"])
 
