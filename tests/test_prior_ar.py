@@ -104,13 +104,13 @@ def test_sampling_is_seeded_and_draws_the_similarity_from_the_top(monkeypatch):
     assert a.shape == (3, 16) and torch.equal(a, b) and not torch.equal(a, c)
     # the similarity token: from the top half of its buckets at percentile 50, the top eighth at 87.5
     seen = []
-    real_forward = prior.forward
+    real_start = prior.start_decoding
 
-    def spy(codes, sim, *rest):
+    def spy(sim, *rest):
         seen.append(sim.clone())
-        return real_forward(codes, sim, *rest)
+        return real_start(sim, *rest)
 
-    monkeypatch.setattr(prior, "forward", spy)
+    monkeypatch.setattr(prior, "start_decoding", spy)
     for pct, lowest in ((50.0, 4), (87.5, 7)):
         seen.clear()
         run_ar_prior(prior, _cond(64), null, guidance=1.0, similarity_percentile=pct, generator=torch.Generator().manual_seed(3))
@@ -118,6 +118,39 @@ def test_sampling_is_seeded_and_draws_the_similarity_from_the_top(monkeypatch):
         assert int(sims.min()) >= lowest and int(sims.max()) <= 7
     with pytest.raises(ValueError):
         run_ar_prior(ARPrior(prior.cfg), cond, null, guidance=1.0, generator=None)  # not fitted
+
+
+def test_cached_decoding_gives_the_full_forward_logits():
+    """start_decoding / next_logits (KV cache) against forward on the whole sequence, padded text included."""
+    prior = _fitted_tiny_prior()
+    cond = _cond(4)
+    cond.mask[1, 1:] = False  # one caption of a single token: more padded columns
+    g = torch.Generator().manual_seed(5)
+    k = prior.kept
+    codes = torch.randint(0, prior.cfg.num_buckets, (4, k), generator=g)
+    sim = torch.randint(0, prior.cfg.num_sim_buckets, (4,), generator=g)
+    with torch.no_grad():
+        full = prior(codes, sim, cond.embed, cond.hidden, cond.mask)  # (4, k + 1, nb)
+    logits, state = prior.start_decoding(sim, cond.embed, cond.hidden, cond.mask)
+    steps = [logits]
+    for j in range(k):
+        steps.append(prior.next_logits(codes[:, j], state))
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full[:, 0], full[:, 1])  # the codes change the prediction
+    # the sampler with the cache draws what a full forward per code draws (same seed)
+    null = _cond(1, seed=9)
+    both = TextCond.cat(null.expand(4), cond)
+    gen = torch.Generator().manual_seed(7)
+    s = torch.randint(prior.cfg.num_sim_buckets // 2, prior.cfg.num_sim_buckets, (4,), generator=gen)
+    drawn = torch.zeros(4, 0, dtype=torch.long)
+    for _ in range(k):
+        with torch.no_grad():
+            lg = prior(torch.cat([drawn, drawn]), torch.cat([s, s]), both.embed, both.hidden, both.mask)[:, -1]
+        u, t = lg.chunk(2)
+        probs = top_p_filter(torch.softmax(u + 2.0 * (t - u), dim=-1), 0.9)
+        drawn = torch.cat([drawn, torch.multinomial(probs, 1, generator=gen)], dim=1)
+    cached = run_ar_prior(prior, cond, null, guidance=2.0, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(cached, prior.decode(drawn))
 
 
 @pytest.fixture(scope="module")

@@ -139,25 +139,73 @@ class ARPrior(nn.Module):
     ) -> torch.Tensor:
         """codes (B, n) with n <= K, sim (B,), text (B, D), (B, L, W), (B, L) bool -> logits (B, n + 1, nb):
         row j predicts code j from the prefix and codes < j."""
-        B, L, _ = text_hidden.shape
-        if L != self.cfg.num_text_tokens:
-            raise ValueError(f"AR prior expects {self.cfg.num_text_tokens} text tokens, got {L}")
+        L = self._check_text(text_hidden)
         n = codes.shape[1]
-        tokens = torch.cat(
-            [
-                self.text_proj(text_hidden),  # (B, L, C)
-                self.text_embed_proj(text_embed)[:, None],  # (B, 1, C)
-                self.sim_embed(sim)[:, None],  # (B, 1, C)
-                self.code_embed(codes),  # (B, n, C)
-            ],
-            dim=1,
-        )  # (B, T, C), T = L + 2 + n
+        tokens = torch.cat([self._prefix(sim, text_embed, text_hidden), self.code_embed(codes)], dim=1)  # (B, L + 2 + n, C)
         T = tokens.shape[1]
         h = tokens + self.pos_embed[:, :T]
-        pad = (1 - text_mask.to(h.dtype)) * MASK_VALUE  # (B, L): padded text columns
-        pad = F.pad(pad, (0, T - L), value=0.0)  # (B, T)
+        pad = F.pad(self._text_pad(text_mask, h.dtype), (0, T - L), value=0.0)  # (B, T)
         mask = (pad[:, None, :] + self.causal_mask[:T, :T].to(h.dtype))[:, None]  # (B, 1, T, T)
         for block in self.blocks:
             h = block(h, mask)
         h = self.ln_f(h[:, L + PREFIX_EXTRA - 1 :])  # from the similarity token on: (B, n + 1, C)
         return self.head(h)  # (B, n + 1, nb)
+
+    # ------------------------------------------------------------------ incremental decoding (sampling)
+
+    @torch.no_grad()
+    def start_decoding(
+        self, sim: torch.Tensor, text_embed: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
+        """Run the prefix once -> (logits (B, nb) of code 1, a state for `next_logits`).
+
+        The state keeps every layer's keys and values, so each further code costs one token's
+        forward instead of the whole sequence's; the logits are those of `forward` (to float rounding)."""
+        L = self._check_text(text_hidden)
+        tokens = self._prefix(sim, text_embed, text_hidden)  # (B, P, C), P = L + 2
+        P = tokens.shape[1]
+        h = tokens + self.pos_embed[:, :P]
+        pad = F.pad(self._text_pad(text_mask, h.dtype), (0, P - L), value=0.0)  # (B, P)
+        mask = (pad[:, None, :] + self.causal_mask[:P, :P].to(h.dtype))[:, None]  # (B, 1, P, P)
+        layers = [{} for _ in self.blocks]
+        for block, cache in zip(self.blocks, layers):
+            h = block(h, mask, cache)
+        return self.head(self.ln_f(h[:, -1])), {"layers": layers, "pad": pad, "length": P}
+
+    @torch.no_grad()
+    def next_logits(self, code: torch.Tensor, state: dict) -> torch.Tensor:
+        """Append code (B,) to a decoding state -> logits (B, nb) of the code after it."""
+        T = state["length"]
+        if T >= self.pos_embed.shape[1]:
+            raise ValueError(f"the AR prior's sequence is full ({T} tokens)")
+        h = self.code_embed(code)[:, None] + self.pos_embed[:, T : T + 1]  # (B, 1, C)
+        state["pad"] = F.pad(state["pad"], (0, 1), value=0.0)  # (B, T + 1): the new token sees every earlier one
+        mask = state["pad"][:, None, None, :]  # (B, 1, 1, T + 1)
+        for block, cache in zip(self.blocks, state["layers"]):
+            h = block(h, mask, cache)
+        state["length"] = T + 1
+        return self.head(self.ln_f(h[:, -1]))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_text(self, text_hidden: torch.Tensor) -> int:
+        L = text_hidden.shape[1]
+        if L != self.cfg.num_text_tokens:
+            raise ValueError(f"AR prior expects {self.cfg.num_text_tokens} text tokens, got {L}")
+        return L
+
+    def _prefix(self, sim: torch.Tensor, text_embed: torch.Tensor, text_hidden: torch.Tensor) -> torch.Tensor:
+        """[text tokens (L), text embedding, similarity token] -> (B, L + 2, C)."""
+        return torch.cat(
+            [
+                self.text_proj(text_hidden),  # (B, L, C)
+                self.text_embed_proj(text_embed)[:, None],  # (B, 1, C)
+                self.sim_embed(sim)[:, None],  # (B, 1, C)
+            ],
+            dim=1,
+        )
+
+    @staticmethod
+    def _text_pad(text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, L) bool -> additive bias (B, L): MASK_VALUE on padded text columns."""
+        return (1 - text_mask.to(dtype)) * MASK_VALUE

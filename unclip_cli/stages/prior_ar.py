@@ -58,17 +58,20 @@ def run_ar_prior(
     n_sim = prior.cfg.num_sim_buckets
     lowest = min(int(similarity_percentile / 100 * n_sim), n_sim - 1)
     sim = torch.randint(lowest, n_sim, (batch,), generator=generator).to(device)  # (B,)
-    codes = torch.zeros(batch, 0, dtype=torch.long, device=device)
+    s_in = torch.cat([sim, sim]) if guided else sim
+    logits, state = prior.start_decoding(s_in, both.embed, both.hidden, both.mask)  # KV cache: one token per code
+    codes = []
     for j in range(k):
-        c_in = torch.cat([codes, codes]) if guided else codes
-        s_in = torch.cat([sim, sim]) if guided else sim
-        logits = prior(c_in, s_in, both.embed, both.hidden, both.mask)[:, -1].float()  # (B or 2B, nb)
+        logits = logits.float()  # (B or 2B, nb)
         if guided:
             uncond, text = logits.chunk(2)
             logits = uncond + guidance * (text - uncond)
         probs = top_p_filter(torch.softmax(logits.cpu() / temperature, dim=-1), top_p)  # drawn on the CPU
-        nxt = torch.multinomial(probs, 1, generator=generator).to(device)  # (B, 1)
-        codes = torch.cat([codes, nxt], dim=1)
+        nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].to(device)  # (B,)
+        codes.append(nxt)
+        if j + 1 < k:
+            logits = prior.next_logits(torch.cat([nxt, nxt]) if guided else nxt, state)
         if callback is not None:
             callback(j, k)
+    codes = torch.stack(codes, dim=1)  # (B, K)
     return prior.decode(codes)
