@@ -136,18 +136,30 @@ class ARPrior(nn.Module):
         text_embed: torch.Tensor,
         text_hidden: torch.Tensor,
         text_mask: torch.Tensor,
+        caches: list[dict] | None = None,
     ) -> torch.Tensor:
         """codes (B, n) with n <= K, sim (B,), text (B, D), (B, L, W), (B, L) bool -> logits (B, n + 1, nb):
-        row j predicts code j from the prefix and codes < j."""
-        L = self._check_text(text_hidden)
+        row j predicts code j from the prefix and codes < j. With `caches` (one dict per block), each
+        layer's keys and values are kept there for `next_logits`."""
+        B, L, _ = text_hidden.shape
+        if L != self.cfg.num_text_tokens:
+            raise ValueError(f"AR prior expects {self.cfg.num_text_tokens} text tokens, got {L}")
         n = codes.shape[1]
-        tokens = torch.cat([self._prefix(sim, text_embed, text_hidden), self.code_embed(codes)], dim=1)  # (B, L + 2 + n, C)
+        tokens = torch.cat(
+            [
+                self.text_proj(text_hidden),  # (B, L, C)
+                self.text_embed_proj(text_embed)[:, None],  # (B, 1, C)
+                self.sim_embed(sim)[:, None],  # (B, 1, C)
+                self.code_embed(codes),  # (B, n, C)
+            ],
+            dim=1,
+        )  # (B, T, C), T = L + 2 + n
         T = tokens.shape[1]
         h = tokens + self.pos_embed[:, :T]
         pad = F.pad(self._text_pad(text_mask, h.dtype), (0, T - L), value=0.0)  # (B, T)
         mask = (pad[:, None, :] + self.causal_mask[:T, :T].to(h.dtype))[:, None]  # (B, 1, T, T)
-        for block in self.blocks:
-            h = block(h, mask)
+        for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
+            h = block(h, mask, cache)
         h = self.ln_f(h[:, L + PREFIX_EXTRA - 1 :])  # from the similarity token on: (B, n + 1, C)
         return self.head(h)  # (B, n + 1, nb)
 
@@ -161,21 +173,16 @@ class ARPrior(nn.Module):
 
         The state keeps every layer's keys and values, so each further code costs one token's
         forward instead of the whole sequence's; the logits are those of `forward` (to float rounding)."""
-        L = self._check_text(text_hidden)
-        tokens = self._prefix(sim, text_embed, text_hidden)  # (B, P, C), P = L + 2
-        P = tokens.shape[1]
-        h = tokens + self.pos_embed[:, :P]
-        pad = F.pad(self._text_pad(text_mask, h.dtype), (0, P - L), value=0.0)  # (B, P)
-        mask = (pad[:, None, :] + self.causal_mask[:P, :P].to(h.dtype))[:, None]  # (B, 1, P, P)
         layers = [{} for _ in self.blocks]
-        for block, cache in zip(self.blocks, layers):
-            h = block(h, mask, cache)
-        return self.head(self.ln_f(h[:, -1])), {"layers": layers, "pad": pad, "length": P}
+        no_codes = torch.zeros(sim.shape[0], 0, dtype=torch.long, device=sim.device)
+        logits = self.forward(no_codes, sim, text_embed, text_hidden, text_mask, layers)[:, 0]  # (B, nb)
+        pad = F.pad(self._text_pad(text_mask, logits.dtype), (0, PREFIX_EXTRA), value=0.0)  # (B, L + 2)
+        return logits, {"layers": layers, "pad": pad}
 
     @torch.no_grad()
     def next_logits(self, code: torch.Tensor, state: dict) -> torch.Tensor:
         """Append code (B,) to a decoding state -> logits (B, nb) of the code after it."""
-        T = state["length"]
+        T = state["pad"].shape[1]  # tokens so far
         if T >= self.pos_embed.shape[1]:
             raise ValueError(f"the AR prior's sequence is full ({T} tokens)")
         h = self.code_embed(code)[:, None] + self.pos_embed[:, T : T + 1]  # (B, 1, C)
@@ -183,27 +190,7 @@ class ARPrior(nn.Module):
         mask = state["pad"][:, None, None, :]  # (B, 1, 1, T + 1)
         for block, cache in zip(self.blocks, state["layers"]):
             h = block(h, mask, cache)
-        state["length"] = T + 1
         return self.head(self.ln_f(h[:, -1]))
-
-    # ------------------------------------------------------------------ helpers
-
-    def _check_text(self, text_hidden: torch.Tensor) -> int:
-        L = text_hidden.shape[1]
-        if L != self.cfg.num_text_tokens:
-            raise ValueError(f"AR prior expects {self.cfg.num_text_tokens} text tokens, got {L}")
-        return L
-
-    def _prefix(self, sim: torch.Tensor, text_embed: torch.Tensor, text_hidden: torch.Tensor) -> torch.Tensor:
-        """[text tokens (L), text embedding, similarity token] -> (B, L + 2, C)."""
-        return torch.cat(
-            [
-                self.text_proj(text_hidden),  # (B, L, C)
-                self.text_embed_proj(text_embed)[:, None],  # (B, 1, C)
-                self.sim_embed(sim)[:, None],  # (B, 1, C)
-            ],
-            dim=1,
-        )
 
     @staticmethod
     def _text_pad(text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
