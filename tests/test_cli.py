@@ -298,24 +298,26 @@ def test_shell_pipe_and_terminal_refusal(tiny_set, tmp_path):
 
 def test_generate_does_not_import_open_clip(tiny_set, tmp_path):
     """Text-only commands run CLIP's text tower without open_clip (whose import, with torchvision's,
-    is most of `generate --size 64`'s start-up); encode-image still builds the full model."""
-    heavy = ("open_clip", "torchvision", "transformers", "diffusers")
+    is most of `generate --size 64`'s start-up) and without torch._dynamo (~2 s more, pulled in by
+    random init on the meta device); encode-image still builds the full model."""
+    heavy = ("open_clip", "torchvision", "transformers", "diffusers", "torch._dynamo")
     probe = (
         "import sys\n"
         "from unclip_cli.cli import app\n"
         "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        f"import json; print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & {set(heavy)!r})), file=sys.stderr)\n"
+        f"mods = {{m.split('.')[0] for m in sys.modules}} | ({{'torch._dynamo'}} & set(sys.modules))\n"
+        f"import json; print(json.dumps(sorted(mods & {set(heavy)!r})), file=sys.stderr)\n"
     )
     env = {**os.environ, "UNCLIP_MODEL": str(tiny_set)}
     for args, loaded in (
         (["generate", "a red circle", "-q", "--decoder-steps", "2", "--prior-steps", "2", "-o", str(tmp_path / "g.png")], []),
         (["encode-image", write_png(tmp_path / "in.png", (40, 40)).as_posix(), "-o", str(tmp_path / "e.npy")],
-         ["open_clip", "torchvision"]),
+         ["open_clip", "torch._dynamo", "torchvision"]),
     ):
         proc = subprocess.run([sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         imported = json.loads(proc.stderr.strip().splitlines()[-1])
-        assert [m for m in imported if m in ("open_clip", "torchvision")] == loaded, imported
+        assert [m for m in imported if m in ("open_clip", "torch._dynamo", "torchvision")] == loaded, imported
 
 
 def test_binary_output_refuses_a_terminal(monkeypatch):
