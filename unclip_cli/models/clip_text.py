@@ -94,11 +94,11 @@ class TextTower(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
         self.cfg = cfg  # plain_text_config's dict (the tokenizer's settings too)
-        W, L = int(cfg["width"]), int(cfg["context_length"])
+        V, W, L = int(cfg["vocab_size"]), int(cfg["width"]), int(cfg["context_length"])
         self.context_length = L
         # An explicit weight skips Embedding's normal_ init, which on the meta device goes through
         # torch._refs and imports torch._dynamo (~2 s of start-up); every parameter is loaded anyway.
-        self.token_embedding = nn.Embedding(int(cfg["vocab_size"]), W, _weight=torch.empty(int(cfg["vocab_size"]), W))
+        self.token_embedding = nn.Embedding(V, W, _weight=torch.empty(V, W))
         self.positional_embedding = nn.Parameter(torch.empty(L, W))
         self.transformer = TextBlocks(W, int(cfg["layers"]), int(cfg["heads"]), int(W * cfg["mlp_ratio"]), cfg["quick_gelu"])
         self.ln_final = nn.LayerNorm(W)
