@@ -366,3 +366,39 @@ def test_degradations():
     c = bsr_degrade(x, torch.Generator().manual_seed(2))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= -1 and a.max() <= 1 and (a - x).abs().mean() > 0.01
+
+
+def test_color_jitter_moves_colors_and_keeps_the_picture():
+    from unclip_cli.train.degrade import JITTER_OFFSET, color_jitter
+
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    a = color_jitter(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, color_jitter(x, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, color_jitter(x, torch.Generator().manual_seed(2)))
+    assert a.shape == x.shape and a.min() >= -1 and a.max() <= 1
+    shift = (a - x).mean(dim=(2, 3))  # (B, C): each image and channel moved by its own offset
+    assert shift.abs().max() <= JITTER_OFFSET + 1e-6 and shift.std() > JITTER_OFFSET / 4
+    for img, ref in zip(a, x):  # the picture itself stays: per channel, a positive affine map of the input
+        for c in range(3):
+            assert torch.corrcoef(torch.stack([img[c].flatten(), ref[c].flatten()]))[0, 1] > 0.999
+
+
+def test_upsampler_training_pairs_share_off_palette_colors(fresh_set):
+    """The upsampler's crops leave the renderer's palette (so it learns to keep its input's colors),
+    and the low-res input is made from the same moved crop."""
+    from unclip_cli.data.shapes import COLORS
+    from unclip_cli.data.sources import ShapesSource
+    from unclip_cli.modelset import ModelSet
+    from unclip_cli.train.components import make_task, resize
+
+    task = make_task("upsampler-256", ModelSet.open(str(fresh_set)), "cpu", ShapesSource(seed=0), None)
+    data = task.fetch(8, torch.Generator().manual_seed(0))
+    x0, low_up = data["x0"], data["low_up"]
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 127.5 - 1  # (K, 3)
+    flat = ((x0 + 1) * 127.5).round().to(torch.int32)  # (B, 3, c, c) on the 0..255 scale
+    for crop in flat:  # the crop's most common color is no palette color
+        colors, counts = crop.flatten(1).T.unique(dim=0, return_counts=True)
+        common = colors[counts.argmax()].float() / 127.5 - 1
+        assert (palette - common).abs().max(dim=1).values.min() > 2 / 255
+    mean_hi = resize(x0, task.crop // task.factor).mean(dim=(2, 3))
+    torch.testing.assert_close(low_up.mean(dim=(2, 3)), mean_hi, atol=0.02, rtol=0)

@@ -11,8 +11,9 @@ Both take their own generator, so a step's randomness is a function of the loop'
   prompt's 10% of the time (Ramesh et al. 2022, sec. 2.2).
 - decoder: the hybrid loss (eps MSE + lambda L_vlb); the image embedding replaced by the learned
   null embedding 10% of the time, the text by the empty prompt's 50% (sec. 2.1).
-- upsamplers: eps MSE on random crops a quarter of the output size, conditioned on the crop
-  downsampled and corrupted (blur for 64->256, BSR degradation for 256->1024); a `last` network,
+- upsamplers: eps MSE on random crops a quarter of the output size, their colors jittered
+  (`degrade.color_jitter`), conditioned on the crop downsampled and corrupted (blur for 64->256,
+  BSR degradation for 256->1024); a `last` network,
   when the set has one, is trained on the same crops at t < LAST_NETWORK_MAX_T (it serves t = 0).
 """
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from unclip_cli.diffusion.schedule import GaussianDiffusion
 from unclip_cli.errors import UserError
-from unclip_cli.train.degrade import bsr_degrade, gaussian_blur
+from unclip_cli.train.degrade import bsr_degrade, color_jitter, gaussian_blur
 from unclip_cli.train.losses import TrainingChain, diffusion_loss
 
 PRIOR_TEXT_DROP = 0.1  # classifier-free guidance dropout rates (paper, sec. 2.1-2.2)
@@ -374,6 +375,7 @@ class UpsamplerTask(Task):
         tops = torch.randint(self.size - c + 1, (batch_size,), generator=g).tolist()
         lefts = torch.randint(self.size - c + 1, (batch_size,), generator=g).tolist()
         x0 = torch.stack([img[:, y : y + c, x : x + c] for img, y, x in zip(images.float(), tops, lefts)])
+        x0 = color_jitter(x0, g)  # the target and its low-res input share the moved colors
         low = resize(x0, c // self.factor)  # what the previous stage would produce, (B, 3, c/f, c/f)
         low = self.corrupt(low, g).clamp(-1, 1)
         return {"x0": x0, "low_up": resize(low, c)}  # low_up as Upsampler.upsample_low_res, at crop size
