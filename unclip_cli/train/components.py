@@ -11,10 +11,10 @@ Both take their own generator, so a step's randomness is a function of the loop'
   prompt's 10% of the time (Ramesh et al. 2022, sec. 2.2).
 - decoder: the hybrid loss (eps MSE + lambda L_vlb); the image embedding replaced by the learned
   null embedding 10% of the time, the text by the empty prompt's 50% (sec. 2.1).
-- upsamplers: eps MSE on random crops a quarter of the output size, their colors jittered
-  (`degrade.color_jitter`), conditioned on the crop downsampled and corrupted (blur for 64->256,
-  BSR degradation for 256->1024); a `last` network,
-  when the set has one, is trained on the same crops at t < LAST_NETWORK_MAX_T (it serves t = 0).
+- upsamplers: MSE to the noise or the clean crop (as the config predicts) on random crops a
+  quarter of the output size, their colors jittered (`degrade.color_jitter`), conditioned on the
+  crop downsampled and corrupted (blur for 64->256, BSR degradation for 256->1024); a `last`
+  network, when the set has one, is trained on the same crops at t < LAST_NETWORK_MAX_T (it serves t = 0).
 """
 
 from __future__ import annotations
