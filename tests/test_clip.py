@@ -215,6 +215,25 @@ def test_truncation_keeps_eot(enc):
     assert mask[0].all() and mask[1].sum() == 3
 
 
+def test_load_tokenizer_matches_a_freshly_built_one():
+    """load_tokenizer shares the tables of open_clip's module-level tokenizer where its options are
+    the defaults; the result must tokenize exactly as a SimpleTokenizer built for the config, at the
+    config's context length, and leave the shared one as it was."""
+    from unclip_cli.models.clip_text import _open_clip_tokenizer_module, load_tokenizer
+
+    module = _open_clip_tokenizer_module()
+    prompts = PROMPTS + [" ".join(["cat"] * 40)]
+    for length in (77, 16):
+        ours = load_tokenizer({"context_length": length, "tokenizer_kwargs": {}})
+        fresh = module.SimpleTokenizer(context_length=length)
+        assert ours is not module._tokenizer and ours.context_length == length
+        assert torch.equal(ours(prompts), fresh(prompts)) and ours(prompts).shape == (len(prompts), length)
+    assert module._tokenizer.context_length == 77
+    other = load_tokenizer({"context_length": 77, "tokenizer_kwargs": {"clean": "whitespace"}})
+    assert other.bpe_ranks is not module._tokenizer.bpe_ranks  # other options: built afresh
+    assert other("A Red Star").tolist() == module.SimpleTokenizer(clean="whitespace")("A Red Star").tolist()
+
+
 # --------------------------------------------------------------------------- images
 
 
