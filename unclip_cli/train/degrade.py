@@ -9,7 +9,8 @@ Before any of these, `color_jitter` moves each training crop's colors a little (
 addition, not the paper's): the crop and its low-res version are made from the same moved image, so
 an upsampler learns to keep its input's colors. Trained on rendered scenes alone it learns the
 palette instead, and snaps a generated image's slightly-off background to it (measured on the
-shipped set: a red background at (222, 50, 42) came out at (223, 40, 32), costing 5-8 dB of PSNR).
+shipped set's phase-5 upsampler-256, trained without it: a red background at (222, 50, 42) came
+out at (223, 40, 32), costing 5-8 dB of PSNR).
 
 Images are (B, 3, H, W) float in [-1, 1] on the CPU; randomness only from the given generator, so a
 corruption is a function of the generator's seed. The result keeps the input's size and range.
