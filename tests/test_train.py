@@ -272,6 +272,8 @@ def test_bad_input_is_one_line(cli, fresh_set, other_set, tmp_path):
     ok(cli("data", "embed", "--data", "shapes", "-n", "4", "-o", tmp_path / "other.safetensors", "--model", other_set, "-q"))
     assert_user_error(train(cli, fresh_set, "prior", "--cache", tmp_path / "other.safetensors", *one), "CLIP")
     assert_user_error(train(cli, fresh_set, "upsampler-256", "--data", "shapes", "--cache", tmp_path / "other.safetensors", *one), "--cache")
+    assert_user_error(train(cli, fresh_set, "prior", "--data", "shapes", *one, "--color-jitter", "0.2"), "--color-jitter")
+    assert_user_error(train(cli, fresh_set, "upsampler-256", "--data", "shapes", *one, "--color-jitter", "-0.1"), "--color-jitter")
     (fresh_set / "prior" / "train-state.pt").write_bytes(b"not a state")
     assert_user_error(train(cli, fresh_set, "prior", "--data", "shapes", "--steps", "1"), "--no-resume")
 
@@ -381,6 +383,12 @@ def test_color_jitter_moves_colors_and_keeps_the_picture():
     for img, ref in zip(a, x):  # the picture itself stays: per channel, a positive affine map of the input
         for c in range(3):
             assert torch.corrcoef(torch.stack([img[c].flatten(), ref[c].flatten()]))[0, 1] > 0.999
+    # the offset's bound is a parameter; the draws do not depend on it, so 0 leaves the gain alone
+    wide = color_jitter(x, torch.Generator().manual_seed(1), 0.3)
+    gain_only = color_jitter(x, torch.Generator().manual_seed(1), 0.0)
+    torch.testing.assert_close(gain_only.mean(dim=(2, 3)), x.mean(dim=(2, 3)))
+    moved = (wide - gain_only).mean(dim=(2, 3))
+    assert moved.abs().max() <= 0.3 + 1e-6 and moved.abs().max() > JITTER_OFFSET
 
 
 def test_upsampler_training_pairs_share_off_palette_colors(fresh_set):
@@ -402,3 +410,25 @@ def test_upsampler_training_pairs_share_off_palette_colors(fresh_set):
         assert (palette - common).abs().max(dim=1).values.min() > 2 / 255
     mean_hi = resize(x0, task.crop // task.factor).mean(dim=(2, 3))
     torch.testing.assert_close(low_up.mean(dim=(2, 3)), mean_hi, atol=0.02, rtol=0)
+
+
+def test_color_jitter_option_reaches_the_upsampler_crops(cli, fresh_set):
+    """`--color-jitter` sets how far the crops move: same draws, per-channel offsets scaled by it;
+    the value is part of the training state, so resuming with another one warns."""
+    from unclip_cli.data.sources import ShapesSource
+    from unclip_cli.modelset import ModelSet
+    from unclip_cli.train.components import make_task
+
+    ms = ModelSet.open(str(fresh_set))
+    crops = {}
+    for jitter in (None, 0.0, 0.4):
+        task = make_task("upsampler-256", ms, "cpu", ShapesSource(seed=0), None, jitter=jitter)
+        crops[jitter] = task.fetch(4, torch.Generator().manual_seed(0))["x0"]
+    default_move = (crops[None] - crops[0.0]).mean(dim=(2, 3)).abs()
+    wide_move = (crops[0.4] - crops[0.0]).mean(dim=(2, 3)).abs()
+    assert default_move.max() <= 0.1 + 1e-6 and wide_move.max() > 0.1
+    assert wide_move.sum() > 2 * default_move.sum()  # 4x the offsets, less what the clamp takes back
+
+    ok(train(cli, fresh_set, "upsampler-256", "--data", "shapes", "--steps", "1", "-b", "2", "--color-jitter", "0.3"))
+    again = ok(train(cli, fresh_set, "upsampler-256", "--data", "shapes", "--steps", "2", "-b", "2"))
+    assert "color_jitter 0.3 -> default" in again.err

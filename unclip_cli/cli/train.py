@@ -54,6 +54,10 @@ def train(
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from DIR/COMPONENT/train-state.pt if present.")] = True,
     cache: Annotated[Optional[str], typer.Option("--cache", help="Precomputed CLIP embeddings (prior, decoder).")] = None,
     fixed_batch: Annotated[bool, typer.Option("--fixed-batch", help="Train on one fixed batch (overfitting checks).")] = False,
+    color_jitter: Annotated[
+        Optional[float],
+        typer.Option("--color-jitter", help="Upsamplers: largest per-channel color offset of a training crop, on the [-1, 1] scale.", show_default="0.1"),
+    ] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -66,7 +70,7 @@ def train(
     opts = TrainOptions(
         steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
         ema_decay=ema_decay, seed=seed, save_every=save_every, log_every=log_every, log_file=log, resume=resume,
-        fixed_batch=fixed_batch, device=device,
+        fixed_batch=fixed_batch, device=device, color_jitter=color_jitter,
     )
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     with _progress(component, quiet or not main_rank) as on_step:

@@ -31,7 +31,7 @@ from torch import nn
 
 from unclip_cli.diffusion.schedule import GaussianDiffusion
 from unclip_cli.errors import UserError
-from unclip_cli.train.degrade import bsr_degrade, color_jitter, gaussian_blur
+from unclip_cli.train.degrade import JITTER_OFFSET, bsr_degrade, color_jitter, gaussian_blur
 from unclip_cli.train.losses import TrainingChain, diffusion_loss
 
 PRIOR_TEXT_DROP = 0.1  # classifier-free guidance dropout rates (paper, sec. 2.1-2.2)
@@ -352,9 +352,10 @@ class UpsamplerNet(nn.Module):
 
 
 class UpsamplerTask(Task):
-    def __init__(self, ms, component, upsampler, source, amp=nullcontext):
+    def __init__(self, ms, component, upsampler, source, amp=nullcontext, jitter=JITTER_OFFSET):
         super().__init__(amp)
         self.ms, self.component, self.module, self.source = ms, component, upsampler, source
+        self.jitter = jitter  # largest per-channel color offset of a training crop ([-1, 1] scale)
         self.net = UpsamplerNet(upsampler)
         cfg = upsampler.cfg
         self.chain = TrainingChain(GaussianDiffusion.from_config(cfg.diffusion))
@@ -375,7 +376,7 @@ class UpsamplerTask(Task):
         tops = torch.randint(self.size - c + 1, (batch_size,), generator=g).tolist()
         lefts = torch.randint(self.size - c + 1, (batch_size,), generator=g).tolist()
         x0 = torch.stack([img[:, y : y + c, x : x + c] for img, y, x in zip(images.float(), tops, lefts)])
-        x0 = color_jitter(x0, g)  # the target and its low-res input share the moved colors
+        x0 = color_jitter(x0, g, self.jitter)  # the target and its low-res input share the moved colors
         low = resize(x0, c // self.factor)  # what the previous stage would produce, (B, 3, c/f, c/f)
         low = self.corrupt(low, g).clamp(-1, 1)
         return {"x0": x0, "low_up": resize(low, c)}  # low_up as Upsampler.upsample_low_res, at crop size
@@ -489,15 +490,18 @@ def is_imported_clip(ms) -> bool:
     return bool(ms.manifest.get("clip", {}).get("imported") or ms.manifest.get("source"))
 
 
-def make_task(component, ms, device, source, cache, rank=0, world_size=1, amp=nullcontext) -> Task:
-    """The Task of `component` on model set `ms`, its network loaded from the set onto `device`."""
+def make_task(component, ms, device, source, cache, rank=0, world_size=1, amp=nullcontext, jitter=None) -> Task:
+    """The Task of `component` on model set `ms`, its network loaded from the set onto `device`.
+
+    jitter: the upsamplers' color-jitter offset (None: `degrade.JITTER_OFFSET`); other components take none.
+    """
     if component == "clip":
         if is_imported_clip(ms):
             raise UserError(f"the CLIP of model set {ms.name!r} is imported and stays frozen; only a set's own CLIP is trained")
         return ClipTask(ms, ms.load("clip", device), source, rank, world_size, amp)
     module = ms.load(component, device).train()
     if component.startswith("upsampler"):
-        return UpsamplerTask(ms, component, module, source, amp)
+        return UpsamplerTask(ms, component, module, source, amp, JITTER_OFFSET if jitter is None else jitter)
     cond = ClipConditioning(ms.load("clip", device), device)
     if component == "prior":
         return PriorTask(ms, module, cond, source, cache, amp)

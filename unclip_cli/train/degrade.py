@@ -52,11 +52,12 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = BLUR_KERNEL, sigma: float 
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)  # along H
 
 
-def color_jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per image and channel, scale about the image's mean color and offset, then clamp: (B, C, H, W) -> same."""
+def color_jitter(x: torch.Tensor, generator: torch.Generator, offset: float = JITTER_OFFSET) -> torch.Tensor:
+    """Per image and channel, scale about the image's mean color and shift by up to +-`offset`, then
+    clamp: (B, C, H, W) -> same. The draws do not depend on `offset` (0 leaves only the gain)."""
     B, C = x.shape[:2]
     gain = torch.empty(B, C, 1, 1).uniform_(*JITTER_GAIN, generator=generator).to(x.device, x.dtype)
-    offset = torch.empty(B, C, 1, 1).uniform_(-JITTER_OFFSET, JITTER_OFFSET, generator=generator).to(x.device, x.dtype)
+    offset = offset * torch.empty(B, C, 1, 1).uniform_(-1, 1, generator=generator).to(x.device, x.dtype)
     mean = x.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
     return ((x - mean) * gain + mean + offset).clamp(-1, 1)
 

@@ -61,6 +61,7 @@ class TrainOptions:
     resume: bool = True  # continue from DIR/<component>/train-state.pt when it exists
     fixed_batch: bool = False  # draw one batch and train on it at every step (overfitting checks)
     device: str | None = None  # torch device name; under torchrun, cuda means cuda:LOCAL_RANK
+    color_jitter: float | None = None  # upsamplers: largest color offset of a crop (None: degrade.JITTER_OFFSET)
 
 
 @dataclass
@@ -301,6 +302,11 @@ def train(
     if not opts.lr > 0 or opts.weight_decay < 0 or opts.grad_clip < 0 or not 0 <= opts.ema_decay < 1:
         raise UserError("need --lr > 0, --weight-decay >= 0, --grad-clip >= 0 and 0 <= --ema-decay < 1")
 
+    if opts.color_jitter is not None:
+        if not component.startswith("upsampler"):
+            raise UserError(f"--color-jitter is an upsampler option; {component} has no color jitter")
+        if not 0 <= opts.color_jitter <= 1:
+            raise UserError(f"--color-jitter must be between 0 and 1 (got {opts.color_jitter})")
     if opts.log_file is not None and not Path(opts.log_file).resolve().parent.is_dir():
         raise UserError(f"--log {opts.log_file}: folder {Path(opts.log_file).parent} does not exist")
     ms = ModelSet.open(model)
@@ -309,7 +315,9 @@ def train(
     try:
         source, emb_cache = open_inputs(component, ms, data, cache, say if dist_info.main else (lambda m: None))
         amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-        task = make_task(component, ms, device, source, emb_cache, dist_info.rank, dist_info.world_size, amp)
+        task = make_task(
+            component, ms, device, source, emb_cache, dist_info.rank, dist_info.world_size, amp, opts.color_jitter
+        )
         with global_rng_scope(device):
             return _run(task, ms, opts, dist_info, device, say if dist_info.main else (lambda m: None), on_step)
     finally:
@@ -325,7 +333,10 @@ def _run(task, ms, opts: TrainOptions, d: Dist, device: torch.device, say, on_st
     state_path = folder / STATE_NAME
     log_path = Path(opts.log_file) if opts.log_file else folder / LOG_NAME
     module = task.module
-    record = {"seed": opts.seed, "batch_size": opts.batch_size, "world_size": d.world_size, "fixed_batch": opts.fixed_batch}
+    record = {
+        "seed": opts.seed, "batch_size": opts.batch_size, "world_size": d.world_size, "fixed_batch": opts.fixed_batch,
+        "color_jitter": opts.color_jitter,
+    }
 
     state = load_state(state_path, task.component) if opts.resume and state_path.is_file() else None
     if state is None:
@@ -334,7 +345,10 @@ def _run(task, ms, opts: TrainOptions, d: Dist, device: torch.device, say, on_st
     else:
         start = int(state["step"])
         module.load_state_dict(state["model"])
-        changed = [f"{k} {state['options'].get(k)} -> {v}" for k, v in record.items() if state["options"].get(k) != v]
+        shown = lambda v: "default" if v is None else v  # noqa: E731 (an option left at its default)
+        changed = [
+            f"{k} {shown(state['options'].get(k))} -> {shown(v)}" for k, v in record.items() if state["options"].get(k) != v
+        ]
         if changed:
             say(f"warning: resuming with {', '.join(changed)}: the run will differ from an uninterrupted one")
     if start >= opts.steps:
