@@ -274,6 +274,9 @@ def test_bad_input_is_one_line(cli, fresh_set, other_set, tmp_path):
     assert_user_error(train(cli, fresh_set, "upsampler-256", "--data", "shapes", "--cache", tmp_path / "other.safetensors", *one), "--cache")
     assert_user_error(train(cli, fresh_set, "prior", "--data", "shapes", *one, "--color-jitter", "0.2"), "--color-jitter")
     assert_user_error(train(cli, fresh_set, "upsampler-256", "--data", "shapes", *one, "--color-jitter", "-0.1"), "--color-jitter")
+    assert_user_error(train(cli, fresh_set, "decoder", "--data", "shapes", *one, "--crop", "16"), "--crop")
+    assert_user_error(train(cli, fresh_set, "upsampler-256", "--data", "shapes", *one, "--crop", "512"), "--crop")
+    assert_user_error(train(cli, fresh_set, "upsampler-256", "--data", "shapes", *one, "--crop", "66"), "multiple")
     (fresh_set / "prior" / "train-state.pt").write_bytes(b"not a state")
     assert_user_error(train(cli, fresh_set, "prior", "--data", "shapes", "--steps", "1"), "--no-resume")
 
@@ -412,9 +415,9 @@ def test_upsampler_training_pairs_share_off_palette_colors(fresh_set):
     torch.testing.assert_close(low_up.mean(dim=(2, 3)), mean_hi, atol=0.02, rtol=0)
 
 
-def test_color_jitter_option_reaches_the_upsampler_crops(cli, fresh_set):
+def test_upsampler_options_reach_the_crops(cli, fresh_set):
     """`--color-jitter` sets how far the crops move: same draws, per-channel offsets scaled by it;
-    the value is part of the training state, so resuming with another one warns."""
+    `--crop` their side. Both are part of the training state, so resuming with others warns."""
     from unclip_cli.data.sources import ShapesSource
     from unclip_cli.modelset import ModelSet
     from unclip_cli.train.components import make_task
@@ -428,7 +431,12 @@ def test_color_jitter_option_reaches_the_upsampler_crops(cli, fresh_set):
     wide_move = (crops[0.4] - crops[0.0]).mean(dim=(2, 3)).abs()
     assert default_move.max() <= 0.1 + 1e-6 and wide_move.max() > 0.1
     assert wide_move.sum() > 2 * default_move.sum()  # 4x the offsets, less what the clamp takes back
+    size = ms.load("upsampler-256").cfg.size
+    assert crops[None].shape[-1] == size // 4
+    whole = make_task("upsampler-256", ms, "cpu", ShapesSource(seed=0), None, crop=size).fetch(2, torch.Generator())
+    assert whole["x0"].shape == whole["low_up"].shape == (2, 3, size, size)
 
-    ok(train(cli, fresh_set, "upsampler-256", "--data", "shapes", "--steps", "1", "-b", "2", "--color-jitter", "0.3"))
-    again = ok(train(cli, fresh_set, "upsampler-256", "--data", "shapes", "--steps", "2", "-b", "2"))
-    assert "color_jitter 0.3 -> default" in again.err
+    common = ("--data", "shapes", "-b", "2", "--log-every", "1")
+    ok(train(cli, fresh_set, "upsampler-256", "--steps", "1", *common, "--color-jitter", "0.3", "--crop", str(size)))
+    again = ok(train(cli, fresh_set, "upsampler-256", "--steps", "2", *common))
+    assert "color_jitter 0.3 -> default" in again.err and f"crop {size} -> default" in again.err

@@ -58,6 +58,10 @@ def train(
         Optional[float],
         typer.Option("--color-jitter", help="Upsamplers: largest per-channel color offset of a training crop, on the [-1, 1] scale.", show_default="0.1"),
     ] = None,
+    crop: Annotated[
+        Optional[int],
+        typer.Option("--crop", help="Upsamplers: side of the random training crops, in output pixels.", show_default="a quarter of the output size"),
+    ] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -70,7 +74,7 @@ def train(
     opts = TrainOptions(
         steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
         ema_decay=ema_decay, seed=seed, save_every=save_every, log_every=log_every, log_file=log, resume=resume,
-        fixed_batch=fixed_batch, device=device, color_jitter=color_jitter,
+        fixed_batch=fixed_batch, device=device, color_jitter=color_jitter, crop=crop,
     )
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     with _progress(component, quiet or not main_rank) as on_step:

@@ -12,7 +12,7 @@ Both take their own generator, so a step's randomness is a function of the loop'
 - decoder: the hybrid loss (eps MSE + lambda L_vlb); the image embedding replaced by the learned
   null embedding 10% of the time, the text by the empty prompt's 50% (sec. 2.1).
 - upsamplers: MSE to the noise or the clean crop (as the config predicts) on random crops a
-  quarter of the output size, their colors jittered (`degrade.color_jitter`), conditioned on the
+  quarter of the output size (or `--crop`), their colors jittered (`degrade.color_jitter`), conditioned on the
   crop downsampled and corrupted (blur for 64->256, BSR degradation for 256->1024); a `last`
   network, when the set has one, is trained on the same crops at t < LAST_NETWORK_MAX_T (it serves t = 0).
 """
@@ -352,7 +352,7 @@ class UpsamplerNet(nn.Module):
 
 
 class UpsamplerTask(Task):
-    def __init__(self, ms, component, upsampler, source, amp=nullcontext, jitter=JITTER_OFFSET):
+    def __init__(self, ms, component, upsampler, source, amp=nullcontext, jitter=JITTER_OFFSET, crop=None):
         super().__init__(amp)
         self.ms, self.component, self.module, self.source = ms, component, upsampler, source
         self.jitter = jitter  # largest per-channel color offset of a training crop ([-1, 1] scale)
@@ -360,8 +360,10 @@ class UpsamplerTask(Task):
         cfg = upsampler.cfg
         self.chain = TrainingChain(GaussianDiffusion.from_config(cfg.diffusion))
         self.size = cfg.size
-        self.crop = cfg.size // 4  # random crops a quarter of the target size (paper, appendix C)
+        self.crop = cfg.size // 4 if crop is None else crop  # default: a quarter of the target size (paper, appendix C)
         self.factor = cfg.size // cfg.low_res
+        if not 0 < self.crop <= cfg.size:
+            raise UserError(f"{component}: --crop must be between 1 and the output size {cfg.size} (got {self.crop})")
         if self.crop % self.factor:
             raise UserError(f"{component}: crop {self.crop} is not a multiple of the scale factor {self.factor}")
 
@@ -490,10 +492,13 @@ def is_imported_clip(ms) -> bool:
     return bool(ms.manifest.get("clip", {}).get("imported") or ms.manifest.get("source"))
 
 
-def make_task(component, ms, device, source, cache, rank=0, world_size=1, amp=nullcontext, jitter=None) -> Task:
+def make_task(
+    component, ms, device, source, cache, rank=0, world_size=1, amp=nullcontext, jitter=None, crop=None
+) -> Task:
     """The Task of `component` on model set `ms`, its network loaded from the set onto `device`.
 
-    jitter: the upsamplers' color-jitter offset (None: `degrade.JITTER_OFFSET`); other components take none.
+    jitter, crop: the upsamplers' color-jitter offset (None: `degrade.JITTER_OFFSET`) and training crop
+    side at the output size (None: a quarter of it); other components take neither.
     """
     if component == "clip":
         if is_imported_clip(ms):
@@ -501,7 +506,7 @@ def make_task(component, ms, device, source, cache, rank=0, world_size=1, amp=nu
         return ClipTask(ms, ms.load("clip", device), source, rank, world_size, amp)
     module = ms.load(component, device).train()
     if component.startswith("upsampler"):
-        return UpsamplerTask(ms, component, module, source, amp, JITTER_OFFSET if jitter is None else jitter)
+        return UpsamplerTask(ms, component, module, source, amp, JITTER_OFFSET if jitter is None else jitter, crop)
     cond = ClipConditioning(ms.load("clip", device), device)
     if component == "prior":
         return PriorTask(ms, module, cond, source, cache, amp)

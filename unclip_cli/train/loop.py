@@ -62,6 +62,7 @@ class TrainOptions:
     fixed_batch: bool = False  # draw one batch and train on it at every step (overfitting checks)
     device: str | None = None  # torch device name; under torchrun, cuda means cuda:LOCAL_RANK
     color_jitter: float | None = None  # upsamplers: largest color offset of a crop (None: degrade.JITTER_OFFSET)
+    crop: int | None = None  # upsamplers: training crop side in output pixels (None: a quarter of the output size)
 
 
 @dataclass
@@ -302,9 +303,10 @@ def train(
     if not opts.lr > 0 or opts.weight_decay < 0 or opts.grad_clip < 0 or not 0 <= opts.ema_decay < 1:
         raise UserError("need --lr > 0, --weight-decay >= 0, --grad-clip >= 0 and 0 <= --ema-decay < 1")
 
+    for flag, value in (("--color-jitter", opts.color_jitter), ("--crop", opts.crop)):
+        if value is not None and not component.startswith("upsampler"):
+            raise UserError(f"{flag} is an upsampler option; {component} takes none")
     if opts.color_jitter is not None:
-        if not component.startswith("upsampler"):
-            raise UserError(f"--color-jitter is an upsampler option; {component} has no color jitter")
         if not 0 <= opts.color_jitter <= 1:
             raise UserError(f"--color-jitter must be between 0 and 1 (got {opts.color_jitter})")
     if opts.log_file is not None and not Path(opts.log_file).resolve().parent.is_dir():
@@ -316,7 +318,8 @@ def train(
         source, emb_cache = open_inputs(component, ms, data, cache, say if dist_info.main else (lambda m: None))
         amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
         task = make_task(
-            component, ms, device, source, emb_cache, dist_info.rank, dist_info.world_size, amp, opts.color_jitter
+            component, ms, device, source, emb_cache, dist_info.rank, dist_info.world_size, amp, opts.color_jitter,
+            opts.crop,
         )
         with global_rng_scope(device):
             return _run(task, ms, opts, dist_info, device, say if dist_info.main else (lambda m: None), on_step)
@@ -335,7 +338,7 @@ def _run(task, ms, opts: TrainOptions, d: Dist, device: torch.device, say, on_st
     module = task.module
     record = {
         "seed": opts.seed, "batch_size": opts.batch_size, "world_size": d.world_size, "fixed_batch": opts.fixed_batch,
-        "color_jitter": opts.color_jitter,
+        "color_jitter": opts.color_jitter, "crop": opts.crop,
     }
 
     state = load_state(state_path, task.component) if opts.resume and state_path.is_file() else None
