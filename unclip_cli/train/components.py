@@ -352,10 +352,10 @@ class UpsamplerNet(nn.Module):
 
 
 class UpsamplerTask(Task):
-    def __init__(self, ms, component, upsampler, source, amp=nullcontext, jitter=JITTER_OFFSET, crop=None):
+    def __init__(self, ms, component, upsampler, source, amp=nullcontext, jitter=None, crop=None):
         super().__init__(amp)
         self.ms, self.component, self.module, self.source = ms, component, upsampler, source
-        self.jitter = jitter  # largest per-channel color offset of a training crop ([-1, 1] scale)
+        self.jitter = JITTER_OFFSET if jitter is None else jitter  # largest per-channel color offset of a crop
         self.net = UpsamplerNet(upsampler)
         cfg = upsampler.cfg
         self.chain = TrainingChain(GaussianDiffusion.from_config(cfg.diffusion))
@@ -506,7 +506,7 @@ def make_task(
         return ClipTask(ms, ms.load("clip", device), source, rank, world_size, amp)
     module = ms.load(component, device).train()
     if component.startswith("upsampler"):
-        return UpsamplerTask(ms, component, module, source, amp, JITTER_OFFSET if jitter is None else jitter, crop)
+        return UpsamplerTask(ms, component, module, source, amp, jitter, crop)
     cond = ClipConditioning(ms.load("clip", device), device)
     if component == "prior":
         return PriorTask(ms, module, cond, source, cache, amp)

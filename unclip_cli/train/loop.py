@@ -306,9 +306,8 @@ def train(
     for flag, value in (("--color-jitter", opts.color_jitter), ("--crop", opts.crop)):
         if value is not None and not component.startswith("upsampler"):
             raise UserError(f"{flag} is an upsampler option; {component} takes none")
-    if opts.color_jitter is not None:
-        if not 0 <= opts.color_jitter <= 1:
-            raise UserError(f"--color-jitter must be between 0 and 1 (got {opts.color_jitter})")
+    if opts.color_jitter is not None and not 0 <= opts.color_jitter <= 1:
+        raise UserError(f"--color-jitter must be between 0 and 1 (got {opts.color_jitter})")
     if opts.log_file is not None and not Path(opts.log_file).resolve().parent.is_dir():
         raise UserError(f"--log {opts.log_file}: folder {Path(opts.log_file).parent} does not exist")
     ms = ModelSet.open(model)
@@ -331,6 +330,11 @@ def train(
                 dist.destroy_process_group()
 
 
+def _shown(value):
+    """An option's value in a message; None is an option left at its default."""
+    return "default" if value is None else value
+
+
 def _run(task, ms, opts: TrainOptions, d: Dist, device: torch.device, say, on_step) -> dict:
     folder = ms.path / task.component
     state_path = folder / STATE_NAME
@@ -348,9 +352,8 @@ def _run(task, ms, opts: TrainOptions, d: Dist, device: torch.device, say, on_st
     else:
         start = int(state["step"])
         module.load_state_dict(state["model"])
-        shown = lambda v: "default" if v is None else v  # noqa: E731 (an option left at its default)
         changed = [
-            f"{k} {shown(state['options'].get(k))} -> {shown(v)}" for k, v in record.items() if state["options"].get(k) != v
+            f"{k} {_shown(state['options'].get(k))} -> {_shown(v)}" for k, v in record.items() if state["options"].get(k) != v
         ]
         if changed:
             say(f"warning: resuming with {', '.join(changed)}: the run will differ from an uninterrupted one")
