@@ -14,7 +14,9 @@
 #
 # The small preset's decoder and upsamplers predict x0. The shipped set was begun with eps networks
 # (the preset before that change) and switched part-way with scripts/switch-to-x0.py; its model
-# card lists both phases. A run of this script trains x0 networks from the start.
+# card lists both phases. A run of this script trains x0 networks from the start. Its CLIP is the
+# preset's 64 px one, trained with hard negatives (the shipped set's is the 32 px tower it had before,
+# trained without: its embeddings barely hold the objects' shapes; see the model card).
 set -euo pipefail
 out=${1:?usage: train-default.sh OUT_DIR [MINUTES_SCALE]}
 scale=${2:-1}
@@ -30,7 +32,7 @@ common=(--model "$out" -q --save-every 250 --ema-decay 0.999 --warmup 200)
 [ -f "$out/model.json" ] || unclip model init --preset small -o "$out" --name shapes-small --seed 0
 
 lane_a() {
-  boxed "$(mins 12)" unclip train clip --data shapes --steps 100000 --batch-size 128 --lr 5e-4 "${common[@]}"
+  boxed "$(mins 40)" unclip train clip --data shapes --steps 100000 --batch-size 128 --lr 5e-4 --hard-negatives 4 "${common[@]}"
   [ -f "$out/cache.safetensors" ] || unclip data embed --model "$out" --data shapes --count 40000 -o "$out/cache.safetensors" -q
   boxed "$(mins 80)" unclip train decoder --data shapes --cache "$out/cache.safetensors" --steps 1000000 \
     --batch-size 16 --lr 3e-4 "${common[@]}"

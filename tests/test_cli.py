@@ -278,6 +278,15 @@ def test_model_init_refuses_nonempty(cli, tiny_set):
     assert_user_error(cli("model", "init", "-o", tiny_set), mentions="not empty")
 
 
+def test_presets_pick_their_clip_image_size(cli, tiny_set, tmp_path):
+    """The small preset's CLIP sees 64 px images (shapes are a few pixels wide at 32), the tiny one's 32."""
+    ok(cli("model", "init", "--preset", "small", "-o", tmp_path / "small"))
+    for folder, size in ((tmp_path / "small", 64), (tiny_set, 32)):
+        assert json.loads((folder / "model.json").read_text())["clip"]["image_size"] == size
+        cfg = json.loads((folder / "clip" / "open_clip_config.json").read_text())["model_cfg"]
+        assert cfg["vision_cfg"]["image_size"] == size and cfg["embed_dim"] == 32
+
+
 # ---------------------------------------------------------------------- real processes and pipes
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from unclip_cli.data.cache import EmbeddingCache, build_embedding_cache
 from unclip_cli.data.shapes import (
     COLORS, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, palette_value, parse_caption, render, sample_scene,
-    scene_for_index,
+    scene_for_index, scene_group,
 )
 from unclip_cli.data.sources import ImageTextSource, open_source
 from unclip_cli.errors import UserError
@@ -118,6 +118,34 @@ def test_scene_for_index_is_deterministic():
     a = render([scene_for_index(3, i) for i in range(4)], 48)
     b = render([scene_for_index(3, i) for i in range(4)], 48)
     assert torch.equal(a, b)
+
+
+def test_scene_groups_differ_only_where_clip_must_look():
+    """A group of hard negatives shares the background and the set of object colors; one-object
+    groups take distinct shapes, two-object groups vary shapes, relation or color order. Every
+    caption is still true of its scene, and a group's seed fixes it."""
+    rng = random.Random(2)
+    kinds = set()
+    for _ in range(60):
+        group = scene_group(rng, 4)
+        assert len(group) == 4 and len({sc.caption for sc in group}) > 1
+        assert len({sc.background for sc in group}) == 1
+        assert len({frozenset(o.color for o in sc.objects) for sc in group}) == 1
+        assert len({len(sc.objects) for sc in group}) == 1
+        for sc in group:
+            assert parse_caption(sc.caption)["background"] == sc.background
+            for o in sc.objects:
+                assert o.radius < o.cx < 1 - o.radius and o.radius < o.cy < 1 - o.radius
+        if group[0].relation is None:
+            kinds.add("one")
+            assert len({sc.objects[0].shape for sc in group}) == 4
+        else:
+            kinds.add("two")
+            assert len({(sc.relation, tuple((o.shape, o.color) for o in sc.objects)) for sc in group}) > 1
+    assert kinds == {"one", "two"}
+    big = next(g for g in (scene_group(random.Random(i), 9) for i in range(20)) if g[0].relation is None)
+    assert len({sc.objects[0].shape for sc in big}) == len(SHAPES)  # every shape, then repeats
+    assert scene_group(random.Random(5), 3) == scene_group(random.Random(5), 3)
 
 
 # ---------------------------------------------------------------------- rendering

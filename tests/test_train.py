@@ -277,6 +277,8 @@ def test_bad_input_is_one_line(cli, fresh_set, other_set, tmp_path):
     assert_user_error(train(cli, fresh_set, "decoder", "--data", "shapes", *one, "--crop", "16"), "--crop")
     assert_user_error(train(cli, fresh_set, "upsampler-256", "--data", "shapes", *one, "--crop", "512"), "--crop")
     assert_user_error(train(cli, fresh_set, "upsampler-256", "--data", "shapes", *one, "--crop", "66"), "multiple")
+    assert_user_error(train(cli, fresh_set, "decoder", "--data", "shapes", *one, "--hard-negatives", "2"), "--hard-negatives")
+    assert_user_error(train(cli, fresh_set, "clip", "--data", "shapes", *one, "-b", "8", "--hard-negatives", "3"), "divide")
     (fresh_set / "prior" / "train-state.pt").write_bytes(b"not a state")
     assert_user_error(train(cli, fresh_set, "prior", "--data", "shapes", "--steps", "1"), "--no-resume")
 
@@ -440,3 +442,33 @@ def test_upsampler_options_reach_the_crops(cli, fresh_set):
     ok(train(cli, fresh_set, "upsampler-256", "--steps", "1", *common, "--color-jitter", "0.3", "--crop", str(size)))
     again = ok(train(cli, fresh_set, "upsampler-256", "--steps", "2", *common))
     assert "color_jitter 0.3 -> default" in again.err and f"crop {size} -> default" in again.err
+
+
+def test_clip_hard_negatives_fill_batches_with_groups(cli, fresh_set, tmp_path):
+    """`--hard-negatives K`: each CLIP batch is made of groups of K scenes sharing background and
+    colors; the run trains and records the option; other data than shapes is refused."""
+    from unclip_cli.data.sources import ShapesSource
+    from unclip_cli.modelset import ModelSet
+    from unclip_cli.train.components import make_task
+
+    ms = ModelSet.open(str(fresh_set))
+    task = make_task("clip", ms, "cpu", ShapesSource(seed=0), None, hard_negatives=4)
+    batch = task.fetch(8, torch.Generator().manual_seed(0))
+    size = ms.load("clip").image_size
+    assert batch["images"].shape == (8, 3, size, size)
+    for group in (batch["captions"][:4], batch["captions"][4:]):
+        assert len({c.rsplit(" on a ", 1)[1] for c in group}) == 1  # one background per group
+        assert len(set(group)) > 1
+    plain = make_task("clip", ms, "cpu", ShapesSource(seed=0), None).fetch(8, torch.Generator().manual_seed(0))
+    assert plain["captions"] != batch["captions"]
+
+    common = ("--data", "shapes", "-b", "8", "--log-every", "1")
+    ok(train(cli, fresh_set, "clip", "--steps", "1", *common, "--hard-negatives", "4"))
+    again = ok(train(cli, fresh_set, "clip", "--steps", "2", *common))
+    assert "hard_negatives 4 -> default" in again.err
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i, color in enumerate(("red", "blue")):
+        write_png(folder / f"{i}.png", (8, 8), color)
+        (folder / f"{i}.txt").write_text(f"a {color} square")
+    assert_user_error(train(cli, fresh_set, "clip", "--steps", "3", "--data", folder, "-b", "2", "--hard-negatives", "2"), "shapes")

@@ -356,6 +356,7 @@ def _small_configs(embed_dim: int, text_width: int, context_length: int = 77) ->
 
 PRESETS = {
     "small": {
+        "clip": "SMALL_CLIP_CONFIG",
         "configs": _small_configs,
         "sampling": {
             "prior": {"steps": 25, "guidance": 2.0},
@@ -366,6 +367,7 @@ PRESETS = {
         },
     },
     "tiny": {
+        "clip": "TINY_CLIP_CONFIG",
         "configs": _tiny_configs,
         "sampling": {
             "prior": {"steps": 10, "guidance": 4.0},
@@ -384,7 +386,8 @@ def init_model_set(out: Path, preset: str, seed: int = 0, name: str | None = Non
     clip: an open_clip folder (`local-dir:PATH`, `PATH`, or a model set) to use instead of the
     preset's random CLIP; the networks are sized to its embedding and text widths.
     """
-    from unclip_cli.models.clip import DEFAULT_PREPROCESS_CFG, TINY_CLIP_CONFIG, write_clip_dir
+    from unclip_cli.models import clip as clip_module
+    from unclip_cli.models.clip import DEFAULT_PREPROCESS_CFG, write_clip_dir
 
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
@@ -396,8 +399,9 @@ def init_model_set(out: Path, preset: str, seed: int = 0, name: str | None = Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
         if clip is None:
-            write_clip_dir(tmp / "clip", TINY_CLIP_CONFIG, DEFAULT_PREPROCESS_CFG, seed=seed)
-            clip_name, dims = f"{preset}-clip", (TINY_CLIP_CONFIG["embed_dim"], TINY_CLIP_CONFIG["text_cfg"]["width"], 77)
+            clip_cfg = getattr(clip_module, PRESETS[preset]["clip"])
+            write_clip_dir(tmp / "clip", clip_cfg, DEFAULT_PREPROCESS_CFG, seed=seed)
+            clip_name, dims = f"{preset}-clip", (clip_cfg["embed_dim"], clip_cfg["text_cfg"]["width"], 77)
         else:
             from unclip_cli.convert.open_clip_dir import import_open_clip_dir, resolve_clip_source
 

@@ -62,6 +62,15 @@ def train(
         Optional[int],
         typer.Option("--crop", help="Upsamplers: side of the random training crops, in output pixels.", show_default="a quarter of the output size"),
     ] = None,
+    hard_negatives: Annotated[
+        Optional[int],
+        typer.Option(
+            "--hard-negatives",
+            help="clip on --data shapes: build each batch from groups of this many scenes that share the background and colors "
+            "and differ in shape, size or relation, so the contrastive loss must tell them apart.",
+            show_default="1: independent scenes",
+        ),
+    ] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -75,6 +84,7 @@ def train(
         steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
         ema_decay=ema_decay, seed=seed, save_every=save_every, log_every=log_every, log_file=log, resume=resume,
         fixed_batch=fixed_batch, device=device, color_jitter=color_jitter, crop=crop,
+        hard_negatives=hard_negatives,
     )
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     with _progress(component, quiet or not main_rank) as on_step:

@@ -132,6 +132,34 @@ def sample_scene(rng: random.Random) -> Scene:
     return _single(rng, background) if rng.random() < 0.5 else _pair(rng, background)
 
 
+def _restyled(o: ShapeObject, shape: str, size: str, rng: random.Random) -> ShapeObject:
+    """`o`'s color with another shape and size, at a fresh position."""
+    r = rng.uniform(*SIZE_RADIUS[size])
+    cx, cy = (rng.uniform(MARGIN + r, 1 - MARGIN - r) for _ in range(2))
+    return ShapeObject(shape, o.color, size, cx, cy, r, _angle(rng, shape))
+
+
+def scene_group(rng: random.Random, k: int) -> list[Scene]:
+    """`k` scenes that share the background and the object colors and differ in what a CLIP trained
+    on independent scenes can ignore: one object scenes in shape (distinct ones while there are
+    enough) and size; two-object scenes in shapes, relation, placement and which object has which
+    color. Batches of such groups are the hard negatives of `unclip train clip --hard-negatives`."""
+    first = sample_scene(rng)
+    if first.relation is None:
+        (o,) = first.objects
+        shapes = rng.sample(SHAPES, min(k, len(SHAPES))) + [rng.choice(SHAPES) for _ in range(k - len(SHAPES))]
+        objects = [_restyled(o, shape, rng.choice(SIZES), rng) for shape in shapes]
+        return [Scene(first.background, (obj,), None, _caption(first.background, (obj,), None)) for obj in objects]
+    colors = [o.color for o in first.objects]
+    scenes = [first]
+    while len(scenes) < k:
+        pair = _pair(rng, first.background)  # new shapes, relation and placement; colors put back below
+        order = colors[::-1] if rng.random() < 0.5 else colors
+        objs = tuple(ShapeObject(o.shape, c, o.size, o.cx, o.cy, o.radius, o.angle) for o, c in zip(pair.objects, order))
+        scenes.append(Scene(first.background, objs, pair.relation, _caption(first.background, objs, pair.relation)))
+    return scenes
+
+
 def scene_for_index(seed: int, index: int) -> Scene:
     """Item `index` of the shapes stream `seed`: the same scene on any machine and Python version."""
     return sample_scene(random.Random(f"unclip-shapes/{int(seed)}/{int(index)}"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import re
 import tarfile
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from PIL import Image
 
-from unclip_cli.data.shapes import render, scene_for_index
+from unclip_cli.data.shapes import render, scene_for_index, scene_group
 from unclip_cli.errors import UserError
 from unclip_cli.io import decode_image, images_to_tensor
 
@@ -95,6 +96,13 @@ class ShapesSource(_Sampling):
 
     def images(self, indices, size, device="cpu"):
         return render([self.scene(i) for i in indices], size, device)
+
+    def sample_groups(self, groups: int, k: int, size: int, generator: torch.Generator, device="cpu"):
+        """`groups` groups of `k` hard-negative scenes (`shapes.scene_group`), each drawn from a seed
+        that `generator` gives: (images (groups * k, 3, size, size), captions)."""
+        seeds = torch.randint(2**62, (groups,), generator=generator, device=generator.device).tolist()
+        scenes = [s for seed in seeds for s in scene_group(random.Random(f"unclip-shapes-group/{self.seed}/{seed}"), k)]
+        return render(scenes, size, device), [s.caption for s in scenes]
 
 
 # ---------------------------------------------------------------------- files

@@ -430,11 +430,14 @@ class ClipNet(nn.Module):
 class ClipTask(Task):
     component = "clip"
 
-    def __init__(self, ms, clip, source, rank: int = 0, world_size: int = 1, amp=nullcontext):
+    def __init__(self, ms, clip, source, rank: int = 0, world_size: int = 1, amp=nullcontext, hard_negatives=None):
         from open_clip.loss import ClipLoss
 
         super().__init__(amp)
         self.ms, self.clip, self.source = ms, clip, source
+        self.group = hard_negatives or 1
+        if self.group > 1 and not hasattr(source, "sample_groups"):
+            raise UserError(f"--hard-negatives needs the shapes data (--data shapes), not {source.name}")
         self.module = clip.model.train().requires_grad_(True)
         self.net = ClipNet(self.module)
         self.cond = ClipConditioning(clip, clip.device)
@@ -443,7 +446,10 @@ class ClipTask(Task):
         self._warned = False
 
     def fetch(self, batch_size, g):
-        images, captions, _ = self.source.sample(batch_size, self.cond.image_size, g)
+        if self.group > 1:
+            images, captions = self.source.sample_groups(batch_size // self.group, self.group, self.cond.image_size, g)
+        else:
+            images, captions, _ = self.source.sample(batch_size, self.cond.image_size, g)
         return {"images": images, "captions": captions}
 
     def loss(self, net, data, g):
@@ -493,17 +499,19 @@ def is_imported_clip(ms) -> bool:
 
 
 def make_task(
-    component, ms, device, source, cache, rank=0, world_size=1, amp=nullcontext, jitter=None, crop=None
+    component, ms, device, source, cache, rank=0, world_size=1, amp=nullcontext, jitter=None, crop=None,
+    hard_negatives=None,
 ) -> Task:
     """The Task of `component` on model set `ms`, its network loaded from the set onto `device`.
 
     jitter, crop: the upsamplers' color-jitter offset (None: `degrade.JITTER_OFFSET`) and training crop
     side at the output size (None: a quarter of it); other components take neither.
+    hard_negatives: CLIP on the shapes data, scenes per group of hard negatives (None: independent scenes).
     """
     if component == "clip":
         if is_imported_clip(ms):
             raise UserError(f"the CLIP of model set {ms.name!r} is imported and stays frozen; only a set's own CLIP is trained")
-        return ClipTask(ms, ms.load("clip", device), source, rank, world_size, amp)
+        return ClipTask(ms, ms.load("clip", device), source, rank, world_size, amp, hard_negatives)
     module = ms.load(component, device).train()
     if component.startswith("upsampler"):
         return UpsamplerTask(ms, component, module, source, amp, jitter, crop)

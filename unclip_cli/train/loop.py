@@ -63,6 +63,7 @@ class TrainOptions:
     device: str | None = None  # torch device name; under torchrun, cuda means cuda:LOCAL_RANK
     color_jitter: float | None = None  # upsamplers: largest color offset of a crop (None: degrade.JITTER_OFFSET)
     crop: int | None = None  # upsamplers: training crop side in output pixels (None: a quarter of the output size)
+    hard_negatives: int | None = None  # clip on shapes data: scenes per group of hard negatives (None: independent scenes)
 
 
 @dataclass
@@ -308,6 +309,11 @@ def train(
             raise UserError(f"{flag} is an upsampler option; {component} takes none")
     if opts.color_jitter is not None and not 0 <= opts.color_jitter <= 1:
         raise UserError(f"--color-jitter must be between 0 and 1 (got {opts.color_jitter})")
+    if opts.hard_negatives is not None:
+        if component != "clip":
+            raise UserError(f"--hard-negatives is a clip option; {component} takes none")
+        if not 1 <= opts.hard_negatives <= opts.batch_size or opts.batch_size % opts.hard_negatives:
+            raise UserError(f"--hard-negatives must divide --batch-size {opts.batch_size} (got {opts.hard_negatives})")
     if opts.log_file is not None and not Path(opts.log_file).resolve().parent.is_dir():
         raise UserError(f"--log {opts.log_file}: folder {Path(opts.log_file).parent} does not exist")
     ms = ModelSet.open(model)
@@ -318,7 +324,7 @@ def train(
         amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
         task = make_task(
             component, ms, device, source, emb_cache, dist_info.rank, dist_info.world_size, amp, opts.color_jitter,
-            opts.crop,
+            opts.crop, opts.hard_negatives,
         )
         with global_rng_scope(device):
             return _run(task, ms, opts, dist_info, device, say if dist_info.main else (lambda m: None), on_step)
@@ -342,7 +348,7 @@ def _run(task, ms, opts: TrainOptions, d: Dist, device: torch.device, say, on_st
     module = task.module
     record = {
         "seed": opts.seed, "batch_size": opts.batch_size, "world_size": d.world_size, "fixed_batch": opts.fixed_batch,
-        "color_jitter": opts.color_jitter, "crop": opts.crop,
+        "color_jitter": opts.color_jitter, "crop": opts.crop, "hard_negatives": opts.hard_negatives,
     }
 
     state = load_state(state_path, task.component) if opts.resume and state_path.is_file() else None
