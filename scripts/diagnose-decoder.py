@@ -1,9 +1,11 @@
 """Where a model set's quality is lost: CLIP, or the decoder? Prints three measurements.
 
-    python scripts/diagnose-decoder.py MODEL_DIR [--count 50] [--guidance 1,5] [--steps 25]
+    python scripts/diagnose-decoder.py MODEL_DIR [--count 50] [--guidance 1,5] [--steps 25] [--probes-only]
 
-1. Linear probes on CLIP image embeddings of rendered shapes scenes (2,000 to fit, 1,000 to test):
-   how well background, first object color and first object shape can be read from them.
+1. Linear probes on CLIP image embeddings of rendered shapes scenes and on the text embeddings of
+   their captions (2,000 to fit, 1,000 to test): how well background, first object color and first
+   object shape can be read from them; and the shape on one-object scenes alone (two thirds to fit),
+   where no probe has to guess which object the caption names first.
 2. The decoder on the *true* CLIP embeddings of the eval scenes (no prior), judged as `unclip eval`
    judges: the decoder's own share of the errors.
 3. The decoder's error on the spatial mean of its prediction, on correctly noised rendered scenes,
@@ -89,18 +91,28 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=50, help="eval scenes decoded from their true embeddings")
     ap.add_argument("--guidance", default="1,5", help="decoder guidance values, comma-separated")
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--probes-only", action="store_true", help="only the CLIP probes (a set whose decoder is not trained yet)")
     args = ap.parse_args()
     ms = ModelSet.open(args.model)
-    clip, decoder, judge = ms.load("clip"), ms.load("decoder"), Judge.load()
+    clip = ms.load("clip")
 
     rng = random.Random(123)
     scenes = [sample_scene(rng) for _ in range(3000)]
     embeds = clip_embeds(clip, scenes)
-    print("linear probes on CLIP image embeddings (test accuracy):")
+    captions = [s.caption for s in scenes]
+    texts = torch.cat([clip.encode_text(captions[i : i + 500])[0] for i in range(0, len(captions), 500)])
+    print("linear probes on CLIP embeddings (test accuracy: image / text):")
     for name, labels in (("background", [s.background for s in scenes]),
                          ("first object color", [s.objects[0].color for s in scenes]),
                          ("first object shape", [s.objects[0].shape for s in scenes])):
-        print(f"  {name}: {probe(embeds, labels, 2000):.3f} ({len(set(labels))} classes)")
+        print(f"  {name}: {probe(embeds, labels, 2000):.3f} / {probe(texts, labels, 2000):.3f} ({len(set(labels))} classes)")
+    one = [i for i, s in enumerate(scenes) if s.relation is None]
+    labels, fit = [scenes[i].objects[0].shape for i in one], len(one) * 2 // 3
+    print(f"  shape, one-object scenes only: {probe(embeds[one], labels, fit):.3f} / {probe(texts[one], labels, fit):.3f}"
+          f" ({len(set(labels))} classes)")
+    if args.probes_only:
+        return
+    decoder, judge = ms.load("decoder"), Judge.load()
 
     scenes = eval_scenes(args.count, 0)
     prompts = [s.caption for s in scenes]
