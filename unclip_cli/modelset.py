@@ -354,6 +354,7 @@ def _small_configs(embed_dim: int, text_width: int, context_length: int = 77) ->
     return configs
 
 
+# "clip": the name of the preset's CLIP config in unclip_cli.models.clip (that module loads lazily).
 PRESETS = {
     "small": {
         "clip": "SMALL_CLIP_CONFIG",

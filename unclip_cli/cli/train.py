@@ -67,7 +67,7 @@ def train(
         typer.Option(
             "--hard-negatives",
             help="clip on --data shapes: build each batch from groups of this many scenes that share the background and colors "
-            "and differ in shape, size or relation, so the contrastive loss must tell them apart.",
+            "and differ in shape, size, relation or color order, so the contrastive loss must tell them apart.",
             show_default="1: independent scenes",
         ),
     ] = None,

@@ -141,7 +141,7 @@ def _restyled(o: ShapeObject, shape: str, size: str, rng: random.Random) -> Shap
 
 def scene_group(rng: random.Random, k: int) -> list[Scene]:
     """`k` scenes that share the background and the object colors and differ in what a CLIP trained
-    on independent scenes can ignore: one object scenes in shape (distinct ones while there are
+    on independent scenes can ignore: one-object scenes in shape (distinct ones while there are
     enough) and size; two-object scenes in shapes, relation, placement and which object has which
     color. Batches of such groups are the hard negatives of `unclip train clip --hard-negatives`."""
     first = sample_scene(rng)
