@@ -17,10 +17,10 @@ from PIL import Image
 from unclip_cli.errors import UserError
 from unclip_cli.models.clip import (
     DEFAULT_PREPROCESS_CFG,
-    TINY_CLIP_CONFIG,
     ClipEncoder,
     write_clip_dir,
 )
+from unclip_cli.models.configs import TINY_CLIP_CONFIG
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",

@@ -23,6 +23,8 @@ import torch
 from unclip_cli.errors import UserError
 from unclip_cli.io import atomic_write, load_state_dict, read_safetensors_header, save_weights
 from unclip_cli.models.configs import (
+    SMALL_CLIP_CONFIG,
+    TINY_CLIP_CONFIG,
     ARPriorConfig,
     DecoderConfig,
     DiffusionConfig,
@@ -354,10 +356,9 @@ def _small_configs(embed_dim: int, text_width: int, context_length: int = 77) ->
     return configs
 
 
-# "clip": the name of the preset's CLIP config in unclip_cli.models.clip (that module loads lazily).
 PRESETS = {
     "small": {
-        "clip": "SMALL_CLIP_CONFIG",
+        "clip": SMALL_CLIP_CONFIG,
         "configs": _small_configs,
         "sampling": {
             "prior": {"steps": 25, "guidance": 2.0},
@@ -368,7 +369,7 @@ PRESETS = {
         },
     },
     "tiny": {
-        "clip": "TINY_CLIP_CONFIG",
+        "clip": TINY_CLIP_CONFIG,
         "configs": _tiny_configs,
         "sampling": {
             "prior": {"steps": 10, "guidance": 4.0},
@@ -387,7 +388,6 @@ def init_model_set(out: Path, preset: str, seed: int = 0, name: str | None = Non
     clip: an open_clip folder (`local-dir:PATH`, `PATH`, or a model set) to use instead of the
     preset's random CLIP; the networks are sized to its embedding and text widths.
     """
-    from unclip_cli.models import clip as clip_module
     from unclip_cli.models.clip import DEFAULT_PREPROCESS_CFG, write_clip_dir
 
     if preset not in PRESETS:
@@ -400,7 +400,7 @@ def init_model_set(out: Path, preset: str, seed: int = 0, name: str | None = Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
         if clip is None:
-            clip_cfg = getattr(clip_module, PRESETS[preset]["clip"])
+            clip_cfg = PRESETS[preset]["clip"]
             write_clip_dir(tmp / "clip", clip_cfg, DEFAULT_PREPROCESS_CFG, seed=seed)
             clip_name, dims = f"{preset}-clip", (clip_cfg["embed_dim"], clip_cfg["text_cfg"]["width"], 77)
         else:

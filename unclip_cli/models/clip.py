@@ -46,26 +46,6 @@ OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 # writes one for snapshots without an image encoder); open_clip itself ignores it.
 VISION_PLACEHOLDER_KEY = "vision_placeholder"
 
-# A CLIP small enough to run in milliseconds, for tests and the tiny model set. All widths differ
-# (embedding 32, text 48, vision 64) so that no code can confuse them. quick_gelu as in OpenAI's
-# CLIP (and so Karlo's ViT-L/14).
-TINY_CLIP_CONFIG: dict = {
-    "embed_dim": 32,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "head_width": 32, "layers": 2},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 2},
-}
-
-# The small preset's CLIP (the shipped default set's recipe): the tiny one's text tower and widths,
-# with a vision tower that sees 64 px images in 8 px patches. At 32 px (the tiny tower) shapes are
-# a few pixels across and its patches barely resolve them: trained alone to classify the shape of
-# one-object scenes (800 steps of 64 from random weights), the 32 px tower reached 25% (chance 17%),
-# the 64 px one 49%, a 32 px one with 4 px patches (as many tokens as the 64 px one) 46%.
-SMALL_CLIP_CONFIG: dict = {
-    **TINY_CLIP_CONFIG,
-    "vision_cfg": {**TINY_CLIP_CONFIG["vision_cfg"], "image_size": 64},
-}
-
 # open_clip's preprocess keys; the size comes from the model's vision tower.
 DEFAULT_PREPROCESS_CFG: dict = {
     "mean": list(OPENAI_DATASET_MEAN),

@@ -304,16 +304,16 @@ def train(
     if not opts.lr > 0 or opts.weight_decay < 0 or opts.grad_clip < 0 or not 0 <= opts.ema_decay < 1:
         raise UserError("need --lr > 0, --weight-decay >= 0, --grad-clip >= 0 and 0 <= --ema-decay < 1")
 
-    for flag, value in (("--color-jitter", opts.color_jitter), ("--crop", opts.crop)):
-        if value is not None and not component.startswith("upsampler"):
-            raise UserError(f"{flag} is an upsampler option; {component} takes none")
+    for flag, value, owner in (
+        ("--color-jitter", opts.color_jitter, "upsampler"), ("--crop", opts.crop, "upsampler"),
+        ("--hard-negatives", opts.hard_negatives, "clip"),
+    ):
+        if value is not None and not component.startswith(owner):
+            raise UserError(f"{flag} is for {owner} training only; {component} takes none")
     if opts.color_jitter is not None and not 0 <= opts.color_jitter <= 1:
         raise UserError(f"--color-jitter must be between 0 and 1 (got {opts.color_jitter})")
-    if opts.hard_negatives is not None:
-        if component != "clip":
-            raise UserError(f"--hard-negatives is a clip option; {component} takes none")
-        if not 1 <= opts.hard_negatives <= opts.batch_size or opts.batch_size % opts.hard_negatives:
-            raise UserError(f"--hard-negatives must divide --batch-size {opts.batch_size} (got {opts.hard_negatives})")
+    if opts.hard_negatives is not None and (opts.hard_negatives < 1 or opts.batch_size % opts.hard_negatives):
+        raise UserError(f"--hard-negatives must divide --batch-size {opts.batch_size} (got {opts.hard_negatives})")
     if opts.log_file is not None and not Path(opts.log_file).resolve().parent.is_dir():
         raise UserError(f"--log {opts.log_file}: folder {Path(opts.log_file).parent} does not exist")
     ms = ModelSet.open(model)
