@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Train a default model set on a lent GPU within one device command (at most 10 minutes there), so
+# that a session of the device tool (15 minutes of device time, machine start included) can run it
+# once, bring the weights back and judge them.
+#
+#   scripts/train-device.sh SET_DIR OUT_DIR [TRAIN_SECONDS]
+#
+# SET_DIR is created if absent: the small preset (64 px CLIP, trained from scratch with hard
+# negatives) with the shipped set's decoder and upsamplers as starting weights (the decoder's CLIP
+# embedding width is the same, so it is fine-tuned onto the new CLIP). If SET_DIR already holds a
+# set (a previous run's weights unpacked into it), every component trains on from its weights; the
+# CLIP then keeps its weights unless TRAIN_CLIP=1. Three lanes share the GPU for TRAIN_SECONDS
+# (default 400), each stage under `timeout -s TERM` (training saves after its current step):
+#   lane A: clip (30%) -> embedding cache -> decoder (the rest)
+#   lane B: waits for the cache -> diffusion prior (45%) -> AR prior (25%)
+#   lane C: upsampler-1024 on whole 1024 px images with a wide color jitter (the whole time;
+#           the model card explains why crops do not fix its PSNR)
+# Then `unclip eval --count EVAL_COUNT --seed 0 --upsamplers` writes OUT_DIR/eval.txt, and the
+# weights, configs and logs are packed into OUT_DIR/set-*.tar, each under the device tool's 16 MiB a
+# file (no training states: a next run starts afresh from the weights).
+#
+# On the device (its python3 holds torch, typer, rich, timm, regex; open_clip_torch, ftfy and wcwidth
+# travel as wheels: see the device tool's README for `pip download` into .whl/, carried):
+#   python3 -m pip install -q --no-index --no-deps .whl/*.whl && scripts/train-device.sh /tmp/set "$OUT"
+# Back here:  mkdir -p set && for f in FILES_AT/set-*.tar; do tar -xf "$f" -C set; done
+#
+# Batch sizes, learning rates and the eval size are variables below (override from the
+# environment). A smoke run on the CPU: UNCLIP_DEVICE=cpu TRAIN_SECONDS=60 CLIP_BATCH=32 \
+#   DECODER_BATCH=4 PRIOR_BATCH=32 UP_BATCH=1 EVAL_COUNT=4 scripts/train-device.sh /tmp/s /tmp/o
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+set_dir=$(realpath -m "${1:?usage: train-device.sh SET_DIR OUT_DIR [TRAIN_SECONDS]}")
+out=$(realpath -m "${2:?usage: train-device.sh SET_DIR OUT_DIR [TRAIN_SECONDS]}")
+total=${3:-${TRAIN_SECONDS:-400}}
+: "${CLIP_BATCH:=512}" "${CLIP_LR:=5e-4}" "${DECODER_BATCH:=128}" "${DECODER_LR:=3e-4}"
+: "${PRIOR_BATCH:=512}" "${PRIOR_LR:=3e-4}" "${UP_BATCH:=8}" "${UP_LR:=1e-4}"
+: "${CACHE_COUNT:=100000}" "${EVAL_COUNT:=200}" "${SEED:=0}"
+unclip() { PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" python3 -m unclip_cli "$@"; }
+secs() { python3 -c "print(max(1, int($1 * $total)))"; }
+boxed() {  # run "$@" for at most $1 seconds; a time-out (124) or a stop on signal (130) is fine
+  local s=$1 rc=0; shift
+  timeout -s TERM "$s" "$@" || rc=$?
+  [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ]
+}
+common=(--model "$set_dir" -q --save-every 250 --log-every 50 --ema-decay 0.999 --seed "$SEED")
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # three training processes share the machine's cores
+mkdir -p "$out"
+start=$(date +%s)
+
+fresh=0
+if [ ! -f "$set_dir/model.json" ]; then
+  fresh=1
+  unclip model init --preset small -o "$set_dir" --name shapes-small --seed "$SEED"
+  for c in decoder upsampler-256 upsampler-1024; do
+    cp "$root/weights/shapes-small/$c/model.safetensors" "$set_dir/$c/"
+  done
+fi
+rm -f "$set_dir/cache.safetensors"
+
+lane_a() {
+  if [ "$fresh" = 1 ] || [ "${TRAIN_CLIP:-0}" = 1 ]; then
+    boxed "$(secs 0.3)" unclip train clip --data shapes --steps 1000000 --batch-size "$CLIP_BATCH" \
+      --lr "$CLIP_LR" --hard-negatives 4 --warmup 200 "${common[@]}"
+  fi
+  unclip data embed --model "$set_dir" --data shapes --count "$CACHE_COUNT" --batch-size 1024 \
+    -o "$set_dir/cache.tmp.safetensors" -q
+  mv "$set_dir/cache.tmp.safetensors" "$set_dir/cache.safetensors"
+  local left=$((start + total - $(date +%s)))
+  boxed "$((left > 1 ? left : 1))" unclip train decoder --data shapes --cache "$set_dir/cache.safetensors" \
+    --steps 1000000 --batch-size "$DECODER_BATCH" --lr "$DECODER_LR" --warmup 200 "${common[@]}"
+}
+
+lane_b() {
+  while [ ! -f "$set_dir/cache.safetensors" ]; do sleep 2; done
+  boxed "$(secs 0.45)" unclip train prior --cache "$set_dir/cache.safetensors" --steps 1000000 \
+    --batch-size "$PRIOR_BATCH" --lr "$PRIOR_LR" --warmup 200 "${common[@]}"
+  boxed "$(secs 0.25)" unclip train prior-ar --cache "$set_dir/cache.safetensors" --steps 1000000 \
+    --batch-size "$PRIOR_BATCH" --lr "$PRIOR_LR" --warmup 200 "${common[@]}"
+}
+
+lane_c() {
+  boxed "$total" unclip train upsampler-1024 --data shapes --steps 1000000 --batch-size "$UP_BATCH" \
+    --lr "$UP_LR" --crop 1024 --color-jitter 0.3 --warmup 25 "${common[@]}"
+}
+
+lane_a > "$out/lane-a.log" 2>&1 & a=$!
+lane_b > "$out/lane-b.log" 2>&1 & b=$!
+lane_c > "$out/lane-c.log" 2>&1 & c=$!
+rc=0
+wait $a || rc=1
+wait $b || rc=1
+wait $c || rc=1
+echo "training: $(($(date +%s) - start)) s (lanes ok: $([ $rc = 0 ] && echo yes || echo no))"
+
+for comp in clip prior prior-ar decoder upsampler-1024; do
+  tail -n 1 "$set_dir/$comp/train.jsonl" 2>/dev/null | sed "s/^/$comp: /" || echo "$comp: no log"
+done
+unclip eval --model "$set_dir" --count "$EVAL_COUNT" --seed 0 --upsamplers -q 2>&1 | tee "$out/eval.txt" || rc=1
+
+# weights, configs and logs; each tar stays under 16 MiB (the decoder alone is ~13 MiB in fp32)
+pack() {
+  local name=$1; shift
+  (cd "$set_dir" && tar -cf "$out/$name" --exclude='train-state.pt' --exclude='*.tmp*' "$@")
+}
+pack set-1.tar model.json clip
+pack set-2.tar prior prior-ar
+pack set-3.tar decoder
+pack set-4.tar upsampler-256 upsampler-1024
+ls -l "$out"
+exit $rc
