@@ -24,8 +24,8 @@
 #   python3 -m pip install -q --no-index --no-deps .whl/*.whl && scripts/train-device.sh /tmp/set "$OUT"
 # Back here:  mkdir -p set && for f in FILES_AT/set-*.tar; do tar -xf "$f" -C set; done
 #
-# Batch sizes, learning rates and the eval size are variables below (override from the
-# environment). A smoke run on the CPU: UNCLIP_DEVICE=cpu TRAIN_SECONDS=60 CLIP_BATCH=32 \
+# Batch sizes, learning rates, the eval size and a cap on each stage's steps are variables below
+# (override from the environment); tests/test_train.py runs it for a few steps on the CPU. A smoke run on the CPU: UNCLIP_DEVICE=cpu TRAIN_SECONDS=60 CLIP_BATCH=32 \
 #   DECODER_BATCH=4 PRIOR_BATCH=32 UP_BATCH=1 EVAL_COUNT=4 scripts/train-device.sh /tmp/s /tmp/o
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,14 +35,16 @@ total=${3:-${TRAIN_SECONDS:-400}}
 : "${CLIP_BATCH:=512}" "${CLIP_LR:=5e-4}" "${DECODER_BATCH:=128}" "${DECODER_LR:=3e-4}"
 : "${PRIOR_BATCH:=512}" "${PRIOR_LR:=3e-4}" "${UP_BATCH:=8}" "${UP_LR:=1e-4}"
 : "${CACHE_COUNT:=100000}" "${EVAL_COUNT:=200}" "${SEED:=0}"
-unclip() { PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" python3 -m unclip_cli "$@"; }
-secs() { python3 -c "print(max(1, int($1 * $total)))"; }
+: "${MAX_STEPS:=1000000}" "${LOG_EVERY:=50}"  # a stage ends at its time box or after MAX_STEPS steps
+py=${PYTHON:-python3}
+unclip() { PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" -m unclip_cli "$@"; }
+secs() { "$py" -c "print(max(1, int($1 * $total)))"; }
 boxed() {  # run "$@" for at most $1 seconds; a time-out (124) or a stop on signal (130) is fine
   local s=$1 rc=0; shift
   timeout -s TERM "$s" "$@" || rc=$?
   [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ]
 }
-common=(--model "$set_dir" -q --save-every 250 --log-every 50 --ema-decay 0.999 --seed "$SEED")
+common=(--model "$set_dir" -q --save-every 250 --log-every "$LOG_EVERY" --ema-decay 0.999 --seed "$SEED")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}  # three training processes share the machine's cores
 mkdir -p "$out"
 start=$(date +%s)
@@ -59,7 +61,7 @@ rm -f "$set_dir/cache.safetensors"
 
 lane_a() {
   if [ "$fresh" = 1 ] || [ "${TRAIN_CLIP:-0}" = 1 ]; then
-    boxed "$(secs 0.3)" unclip train clip --data shapes --steps 1000000 --batch-size "$CLIP_BATCH" \
+    boxed "$(secs 0.3)" unclip train clip --data shapes --steps "$MAX_STEPS" --batch-size "$CLIP_BATCH" \
       --lr "$CLIP_LR" --hard-negatives 4 --warmup 200 "${common[@]}"
   fi
   unclip data embed --model "$set_dir" --data shapes --count "$CACHE_COUNT" --batch-size 1024 \
@@ -67,19 +69,19 @@ lane_a() {
   mv "$set_dir/cache.tmp.safetensors" "$set_dir/cache.safetensors"
   local left=$((start + total - $(date +%s)))
   boxed "$((left > 1 ? left : 1))" unclip train decoder --data shapes --cache "$set_dir/cache.safetensors" \
-    --steps 1000000 --batch-size "$DECODER_BATCH" --lr "$DECODER_LR" --warmup 200 "${common[@]}"
+    --steps "$MAX_STEPS" --batch-size "$DECODER_BATCH" --lr "$DECODER_LR" --warmup 200 "${common[@]}"
 }
 
 lane_b() {
   while [ ! -f "$set_dir/cache.safetensors" ]; do sleep 2; done
-  boxed "$(secs 0.45)" unclip train prior --cache "$set_dir/cache.safetensors" --steps 1000000 \
+  boxed "$(secs 0.45)" unclip train prior --cache "$set_dir/cache.safetensors" --steps "$MAX_STEPS" \
     --batch-size "$PRIOR_BATCH" --lr "$PRIOR_LR" --warmup 200 "${common[@]}"
-  boxed "$(secs 0.25)" unclip train prior-ar --cache "$set_dir/cache.safetensors" --steps 1000000 \
+  boxed "$(secs 0.25)" unclip train prior-ar --cache "$set_dir/cache.safetensors" --steps "$MAX_STEPS" \
     --batch-size "$PRIOR_BATCH" --lr "$PRIOR_LR" --warmup 200 "${common[@]}"
 }
 
 lane_c() {
-  boxed "$total" unclip train upsampler-1024 --data shapes --steps 1000000 --batch-size "$UP_BATCH" \
+  boxed "$total" unclip train upsampler-1024 --data shapes --steps "$MAX_STEPS" --batch-size "$UP_BATCH" \
     --lr "$UP_LR" --crop 1024 --color-jitter 0.3 --warmup 25 "${common[@]}"
 }
 

@@ -472,3 +472,28 @@ def test_clip_hard_negatives_fill_batches_with_groups(cli, fresh_set, tmp_path):
         write_png(folder / f"{i}.png", (8, 8), color)
         (folder / f"{i}.txt").write_text(f"a {color} square")
     assert_user_error(train(cli, fresh_set, "clip", "--steps", "3", "--data", folder, "-b", "2", "--hard-negatives", "2"), "shapes")
+
+
+def test_train_device_script_trains_packs_and_judges_a_set(tmp_path):
+    """scripts/train-device.sh (the GPU recipe) on the CPU for 2 steps a stage: every lane trains, eval runs, and
+    the tars hold each component's weights, no training state, each under the device tool's 16 MiB."""
+    import tarfile
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, UNCLIP_DEVICE="cpu", OMP_NUM_THREADS="1", PYTHON=PYTHON, TRAIN_SECONDS="400", MAX_STEPS="2", LOG_EVERY="1",
+               CLIP_BATCH="8", DECODER_BATCH="2", PRIOR_BATCH="8", UP_BATCH="1", CACHE_COUNT="64", EVAL_COUNT="2")
+    run = subprocess.run(["bash", str(root / "scripts" / "train-device.sh"), str(tmp_path / "set"), str(tmp_path / "out")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = tmp_path / "out"
+    assert "upsampler-1024" in (out / "eval.txt").read_text()
+    names = []
+    for tar in sorted(out.glob("set-*.tar")):
+        assert tar.stat().st_size < 16 * 2**20, tar
+        names += tarfile.open(tar).getnames()
+    for comp in ("clip/open_clip_model.safetensors", "prior/model.safetensors", "prior-ar/model.safetensors",
+                 "decoder/model.safetensors", "upsampler-256/model.safetensors", "upsampler-1024/model.safetensors"):
+        assert comp in names, names
+    assert "model.json" in names and not any(n.endswith("train-state.pt") for n in names)
+    for comp in ("clip", "prior", "prior-ar", "decoder", "upsampler-1024"):  # each lane's stages took steps
+        assert (tmp_path / "set" / comp / "train.jsonl").is_file(), comp
