@@ -497,3 +497,24 @@ def test_train_device_script_trains_packs_and_judges_a_set(tmp_path):
     assert "model.json" in names and not any(n.endswith("train-state.pt") for n in names)
     for comp in ("clip", "prior", "prior-ar", "decoder", "upsampler-1024"):  # each lane's stages took steps
         assert (tmp_path / "set" / comp / "train.jsonl").is_file(), comp
+
+
+def test_ship_default_dest_keeps_a_set_in_progress_without_touching_the_default(tmp_path, fresh_set):
+    """scripts/ship-default.py --dest copies weights, configs and manifest (no training state) to the folder,
+    leaves weights/DEFAULT alone, and refuses to replace a folder that is not a model set."""
+    root = Path(__file__).resolve().parents[1]
+    default = (root / "weights" / "DEFAULT").read_text()
+    (fresh_set / "decoder" / "train-state.pt").write_bytes(b"state")
+    (fresh_set / "cache.safetensors").write_bytes(b"cache")
+    script = [PYTHON, str(root / "scripts" / "ship-default.py"), str(fresh_set), "--dest"]
+    run = subprocess.run(script + [str(tmp_path / "kept")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    kept = tmp_path / "kept"
+    assert (kept / "model.json").is_file() and (kept / "decoder" / "model.safetensors").is_file()
+    assert not (kept / "decoder" / "train-state.pt").exists() and not (kept / "cache.safetensors").exists()
+    assert (root / "weights" / "DEFAULT").read_text() == default
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    run = subprocess.run(script + [str(other)], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "not a model set" in run.stderr and (other / "notes.txt").read_text() == "mine"
