@@ -291,3 +291,18 @@ def test_shipped_set_draws_the_right_colors(cli, judge, monkeypatch):
     assert run.code == 0, run
     (verdict,) = judge(images_to_tensor([decode_image(run.out, "<stdout>")]), [caption])
     assert verdict.background_ok and verdict.colors_ok, verdict
+
+
+def test_set_in_training_is_consistent_and_small():
+    """training/shapes-next (the default's successor, kept between sessions): weights only, each file under
+    16 MiB, and its manifest names the CLIP its weights hash to (stage files check that identity)."""
+    from unclip_cli.modelset import clip_identity
+
+    root = Path(__file__).resolve().parents[1] / "training" / "shapes-next"
+    manifest = json.loads((root / MANIFEST).read_text())
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".pt", ".jsonl")]
+    assert max(p.stat().st_size for p in files) <= 16 * 2**20
+    name = manifest["clip"]["identity"].split("@")[0]
+    assert manifest["clip"]["identity"] == clip_identity(root / "clip", name)
+    assert manifest["clip"]["image_size"] == 64
