@@ -11,13 +11,16 @@
 # set (a previous run's weights unpacked into it), every component trains on from its weights; the
 # CLIP then keeps its weights unless TRAIN_CLIP=1. Three lanes share the GPU for TRAIN_SECONDS
 # (default 400), each stage under `timeout -s TERM` (training saves after its current step):
-#   lane A: clip (30%) -> embedding cache -> decoder (the rest)
-#   lane B: waits for the cache -> diffusion prior (45%) -> AR prior (25%)
+#   lane A: clip (30%, fresh sets or TRAIN_CLIP=1) -> decoder (the rest), on the fly: it runs the
+#           set's CLIP on each rendered batch, so it starts at once and never sees a scene twice
+#   lane B: waits for the clip stage -> embedding cache (CACHE_COUNT scenes; its CPU-side
+#           preprocessing takes about 1 s per 1,024) -> diffusion prior (65% of the time then
+#           left) -> AR prior (the rest)
 #   lane C: upsampler-1024 on whole 1024 px images with a wide color jitter (the whole time;
 #           the model card explains why crops do not fix its PSNR)
-# Then `unclip eval --count EVAL_COUNT --seed 0 --upsamplers` writes OUT_DIR/eval.txt, and the
-# weights, configs and logs are packed into OUT_DIR/set-*.tar, each under the device tool's 16 MiB a
-# file (no training states: a next run starts afresh from the weights).
+# Then the weights, configs and logs are packed into OUT_DIR/set-*.tar, each under the device tool's
+# 16 MiB a file (no training states: a next run starts afresh from the weights), and
+# `unclip eval --count EVAL_COUNT --seed 0 --upsamplers` writes OUT_DIR/eval.txt.
 #
 # On the device (its python3 holds torch, typer, rich, timm, regex; open_clip_torch, ftfy and wcwidth
 # travel as wheels: see the device tool's README for `pip download` into .whl/, carried):
@@ -32,15 +35,19 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 set_dir=$(realpath -m "${1:?usage: train-device.sh SET_DIR OUT_DIR [TRAIN_SECONDS]}")
 out=$(realpath -m "${2:?usage: train-device.sh SET_DIR OUT_DIR [TRAIN_SECONDS]}")
 total=${3:-${TRAIN_SECONDS:-400}}
-: "${CLIP_BATCH:=512}" "${CLIP_LR:=5e-4}" "${DECODER_BATCH:=128}" "${DECODER_LR:=3e-4}"
+: "${CLIP_BATCH:=512}" "${CLIP_LR:=5e-4}" "${DECODER_BATCH:=256}" "${DECODER_LR:=3e-4}"
 : "${PRIOR_BATCH:=512}" "${PRIOR_LR:=3e-4}" "${UP_BATCH:=8}" "${UP_LR:=1e-4}"
 : "${CACHE_COUNT:=100000}" "${EVAL_COUNT:=200}" "${SEED:=0}"
 : "${MAX_STEPS:=1000000}" "${LOG_EVERY:=50}"  # a stage ends at its time box or after MAX_STEPS steps
 py=${PYTHON:-python3}
 unclip() { PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" -m unclip_cli "$@"; }
 secs() { "$py" -c "print(max(1, int($1 * $total)))"; }
+left() { local l=$((start + total - $(date +%s))); echo $((l > 1 ? l : 1)); }  # seconds to the end of training
 boxed() {  # run "$@" for at most $1 seconds; a time-out (124) or a stop on signal (130) is fine
   local s=$1 rc=0; shift
+  if [ "$1" = unclip ]; then  # timeout runs programs, not shell functions
+    shift; set -- env "PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}" "$py" -m unclip_cli "$@"
+  fi
   timeout -s TERM "$s" "$@" || rc=$?
   [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ]
 }
@@ -57,26 +64,25 @@ if [ ! -f "$set_dir/model.json" ]; then
     cp "$root/weights/shapes-small/$c/model.safetensors" "$set_dir/$c/"
   done
 fi
-rm -f "$set_dir/cache.safetensors"
+rm -f "$set_dir/cache.safetensors" "$set_dir/clip-done.tmp"
 
 lane_a() {
   if [ "$fresh" = 1 ] || [ "${TRAIN_CLIP:-0}" = 1 ]; then
     boxed "$(secs 0.3)" unclip train clip --data shapes --steps "$MAX_STEPS" --batch-size "$CLIP_BATCH" \
       --lr "$CLIP_LR" --hard-negatives 4 --warmup 200 "${common[@]}"
   fi
-  unclip data embed --model "$set_dir" --data shapes --count "$CACHE_COUNT" --batch-size 1024 \
-    -o "$set_dir/cache.tmp.safetensors" -q
-  mv "$set_dir/cache.tmp.safetensors" "$set_dir/cache.safetensors"
-  local left=$((start + total - $(date +%s)))
-  boxed "$((left > 1 ? left : 1))" unclip train decoder --data shapes --cache "$set_dir/cache.safetensors" \
-    --steps "$MAX_STEPS" --batch-size "$DECODER_BATCH" --lr "$DECODER_LR" --warmup 200 "${common[@]}"
+  touch "$set_dir/clip-done.tmp"
+  boxed "$(left)" unclip train decoder --data shapes --steps "$MAX_STEPS" --batch-size "$DECODER_BATCH" \
+    --lr "$DECODER_LR" --warmup 200 "${common[@]}"
 }
 
 lane_b() {
-  while [ ! -f "$set_dir/cache.safetensors" ]; do sleep 2; done
-  boxed "$(secs 0.45)" unclip train prior --cache "$set_dir/cache.safetensors" --steps "$MAX_STEPS" \
-    --batch-size "$PRIOR_BATCH" --lr "$PRIOR_LR" --warmup 200 "${common[@]}"
-  boxed "$(secs 0.25)" unclip train prior-ar --cache "$set_dir/cache.safetensors" --steps "$MAX_STEPS" \
+  while [ ! -f "$set_dir/clip-done.tmp" ]; do sleep 2; done
+  unclip data embed --model "$set_dir" --data shapes --count "$CACHE_COUNT" --batch-size 1024 \
+    -o "$set_dir/cache.safetensors" -q
+  boxed "$("$py" -c "print(max(1, int(0.65 * $(left))))")" unclip train prior --cache "$set_dir/cache.safetensors" \
+    --steps "$MAX_STEPS" --batch-size "$PRIOR_BATCH" --lr "$PRIOR_LR" --warmup 200 "${common[@]}"
+  boxed "$(left)" unclip train prior-ar --cache "$set_dir/cache.safetensors" --steps "$MAX_STEPS" \
     --batch-size "$PRIOR_BATCH" --lr "$PRIOR_LR" --warmup 200 "${common[@]}"
 }
 
@@ -97,7 +103,6 @@ echo "training: $(($(date +%s) - start)) s (lanes ok: $([ $rc = 0 ] && echo yes 
 for comp in clip prior prior-ar decoder upsampler-1024; do
   tail -n 1 "$set_dir/$comp/train.jsonl" 2>/dev/null | sed "s/^/$comp: /" || echo "$comp: no log"
 done
-unclip eval --model "$set_dir" --count "$EVAL_COUNT" --seed 0 --upsamplers -q 2>&1 | tee "$out/eval.txt" || rc=1
 
 # weights, configs and logs; each tar stays under 16 MiB (the decoder alone is ~13 MiB in fp32)
 pack() {
@@ -108,5 +113,7 @@ pack set-1.tar model.json clip
 pack set-2.tar prior prior-ar
 pack set-3.tar decoder
 pack set-4.tar upsampler-256 upsampler-1024
+# packed before the eval, so that the weights come back even if the device command's time runs out during it
+unclip eval --model "$set_dir" --count "$EVAL_COUNT" --seed 0 --upsamplers -q 2>&1 | tee "$out/eval.txt" || rc=1
 ls -l "$out"
 exit $rc
