@@ -1,11 +1,11 @@
 """Copy a trained model set into weights/ as the shipped default: weights, configs and manifest only.
 
     python scripts/ship-default.py TRAINED_DIR [--name shapes-small]
-    python scripts/ship-default.py TRAINED_DIR --dest training/shapes-next   # keep a set in progress
+    python scripts/ship-default.py TRAINED_DIR --dest DIR   # keep a set in progress elsewhere
 
 Training states, logs and embedding caches stay behind; weights/DEFAULT names the set. With --dest
 the set goes to that folder instead and weights/DEFAULT is left alone (a set still in training, kept
-in the repository so that the next session trains on from it; see training/README.md).
+so that a later session trains on from it, as the shipped set's phase 7 was; see its model card).
 """
 
 from __future__ import annotations

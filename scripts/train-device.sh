@@ -23,9 +23,15 @@
 # `unclip eval --count EVAL_COUNT --seed 0 --upsamplers` writes OUT_DIR/eval.txt.
 #
 # On the device (its python3 holds torch, typer, rich, timm, regex; open_clip_torch, ftfy and wcwidth
-# travel as wheels: see the device tool's README for `pip download` into .whl/, carried):
-#   python3 -m pip install -q --no-index --no-deps .whl/*.whl && scripts/train-device.sh /tmp/set "$OUT"
-# Back here:  mkdir -p set && for f in FILES_AT/set-*.tar; do tar -xf "$f" -C set; done
+# travel as wheels: see the device tool's README for `pip download` into .whl/, carried), the command
+# that trained the shipped set's GPU round (2026-12-04, 488 s of the 590 s asked for; that set was
+# then in training/shapes-next, which is where it was copied from):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+#   export PYTHONPATH=/tmp/site && cp -r weights/shapes-small /tmp/set &&
+#   OMP_NUM_THREADS=4 TRAIN_SECONDS=470 bash scripts/train-device.sh /tmp/set "$OUT"
+# The working tree that travels must stay under the device tool's 64 MiB (a second 32 MiB set in the
+# repository would pass it). Back here:
+#   mkdir -p set && for f in FILES_AT/set-*.tar; do tar -xf "$f" -C set; done
 #
 # Batch sizes, learning rates, the eval size and a cap on each stage's steps are variables below
 # (override from the environment); tests/test_train.py runs it for a few steps on the CPU. A smoke run on the CPU: UNCLIP_DEVICE=cpu TRAIN_SECONDS=60 CLIP_BATCH=32 \
@@ -67,6 +73,7 @@ fi
 rm -f "$set_dir/cache.safetensors" "$set_dir/clip-done.tmp"
 
 lane_a() {
+  trap 'touch "$set_dir/clip-done.tmp"' EXIT  # lane B must not wait forever if this lane fails early
   if [ "$fresh" = 1 ] || [ "${TRAIN_CLIP:-0}" = 1 ]; then
     boxed "$(secs 0.3)" unclip train clip --data shapes --steps "$MAX_STEPS" --batch-size "$CLIP_BATCH" \
       --lr "$CLIP_LR" --hard-negatives 4 --warmup 200 "${common[@]}"

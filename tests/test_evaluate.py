@@ -288,6 +288,18 @@ def test_shipped_set_is_complete_and_small():
     assert (shipped / "README.md").is_file()  # the model card
 
 
+def test_shipped_set_names_the_clip_its_weights_hash_to():
+    """The manifest's CLIP identity (which stage files carry and check) is the hash of the shipped CLIP's
+    weights, and that CLIP is the 64 px one its priors and decoder were trained on."""
+    from unclip_cli.modelset import clip_identity
+
+    shipped = default_model_dir()
+    manifest = json.loads((shipped / MANIFEST).read_text())
+    name = manifest["clip"]["identity"].split("@")[0]
+    assert manifest["clip"]["identity"] == clip_identity(shipped / "clip", name)
+    assert manifest["clip"]["image_size"] == 64
+
+
 def test_shipped_set_draws_the_right_colors(cli, judge, monkeypatch):
     from unclip_cli.io import decode_image, images_to_tensor
 
@@ -297,16 +309,3 @@ def test_shipped_set_draws_the_right_colors(cli, judge, monkeypatch):
     assert run.code == 0, run
     (verdict,) = judge(images_to_tensor([decode_image(run.out, "<stdout>")]), [caption])
     assert verdict.background_ok and verdict.colors_ok, verdict
-
-
-def test_set_in_training_is_consistent_and_small():
-    """training/shapes-next (the default's successor, kept between sessions): weights only, each file under
-    16 MiB, and its manifest names the CLIP its weights hash to (stage files check that identity)."""
-    from unclip_cli.modelset import clip_identity
-
-    root = Path(__file__).resolve().parents[1] / "training" / "shapes-next"
-    manifest = json.loads((root / MANIFEST).read_text())
-    _weights_only_files(root)
-    name = manifest["clip"]["identity"].split("@")[0]
-    assert manifest["clip"]["identity"] == clip_identity(root / "clip", name)
-    assert manifest["clip"]["image_size"] == 64

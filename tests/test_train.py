@@ -480,7 +480,10 @@ def test_train_device_script_trains_packs_and_judges_a_set(tmp_path):
     import tarfile
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, UNCLIP_DEVICE="cpu", OMP_NUM_THREADS="1", PYTHON=PYTHON, TRAIN_SECONDS="400", MAX_STEPS="2", LOG_EVERY="1",
+    # no `unclip` on PATH, as on the device (the script runs `python -m unclip_cli`; a stage that ran
+    # `timeout unclip ...` once trained nothing there while this test passed with the venv's entry point)
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d and not (Path(d) / "unclip").exists())
+    env = dict(os.environ, PATH=path, UNCLIP_DEVICE="cpu", OMP_NUM_THREADS="1", PYTHON=PYTHON, TRAIN_SECONDS="400", MAX_STEPS="2", LOG_EVERY="1",
                CLIP_BATCH="8", DECODER_BATCH="2", PRIOR_BATCH="8", UP_BATCH="1", CACHE_COUNT="64", EVAL_COUNT="2")
     run = subprocess.run(["bash", str(root / "scripts" / "train-device.sh"), str(tmp_path / "set"), str(tmp_path / "out")],
                          env=env, capture_output=True, text=True, timeout=600)
