@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 d=docs; tmp=$(mktemp -d)
-unclip generate "a red star on a blue background" --size 1024 --seed 0 -q -o "$tmp/star1024.png"
+unclip generate "a large red star on a blue background" --size 1024 --seed 0 -q -o "$tmp/star1024.png"
 python3 - "$tmp/star1024.png" weights/shapes-small/crop-1024.png <<'PY'
 import sys
 from PIL import Image
