@@ -46,14 +46,14 @@ total=${3:-${TRAIN_SECONDS:-400}}
 : "${CACHE_COUNT:=100000}" "${EVAL_COUNT:=200}" "${SEED:=0}"
 : "${MAX_STEPS:=1000000}" "${LOG_EVERY:=50}"  # a stage ends at its time box or after MAX_STEPS steps
 py=${PYTHON:-python3}
-unclip() { PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" -m unclip_cli "$@"; }
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+unclip=("$py" -m unclip_cli)  # a command, not a shell function, so that `timeout` can run it
 secs() { "$py" -c "print(max(1, int($1 * $total)))"; }
-left() { local l=$((start + total - $(date +%s))); echo $((l > 1 ? l : 1)); }  # seconds to the end of training
+left() {  # seconds to the end of training, or PERCENT of them; at least 1
+  local l=$(((start + total - $(date +%s)) * ${1:-100} / 100)); echo $((l > 1 ? l : 1))
+}
 boxed() {  # run "$@" for at most $1 seconds; a time-out (124) or a stop on signal (130) is fine
   local s=$1 rc=0; shift
-  if [ "$1" = unclip ]; then  # timeout runs programs, not shell functions
-    shift; set -- env "PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}" "$py" -m unclip_cli "$@"
-  fi
   timeout -s TERM "$s" "$@" || rc=$?
   [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ]
 }
@@ -65,7 +65,7 @@ start=$(date +%s)
 fresh=0
 if [ ! -f "$set_dir/model.json" ]; then
   fresh=1
-  unclip model init --preset small -o "$set_dir" --name shapes-small --seed "$SEED"
+  "${unclip[@]}" model init --preset small -o "$set_dir" --name shapes-small --seed "$SEED"
   for c in decoder upsampler-256 upsampler-1024; do
     cp "$root/weights/shapes-small/$c/model.safetensors" "$set_dir/$c/"
   done
@@ -75,26 +75,26 @@ rm -f "$set_dir/cache.safetensors" "$set_dir/clip-done.tmp"
 lane_a() {
   trap 'touch "$set_dir/clip-done.tmp"' EXIT  # lane B must not wait forever if this lane fails early
   if [ "$fresh" = 1 ] || [ "${TRAIN_CLIP:-0}" = 1 ]; then
-    boxed "$(secs 0.3)" unclip train clip --data shapes --steps "$MAX_STEPS" --batch-size "$CLIP_BATCH" \
+    boxed "$(secs 0.3)" "${unclip[@]}" train clip --data shapes --steps "$MAX_STEPS" --batch-size "$CLIP_BATCH" \
       --lr "$CLIP_LR" --hard-negatives 4 --warmup 200 "${common[@]}"
   fi
   touch "$set_dir/clip-done.tmp"
-  boxed "$(left)" unclip train decoder --data shapes --steps "$MAX_STEPS" --batch-size "$DECODER_BATCH" \
+  boxed "$(left)" "${unclip[@]}" train decoder --data shapes --steps "$MAX_STEPS" --batch-size "$DECODER_BATCH" \
     --lr "$DECODER_LR" --warmup 200 "${common[@]}"
 }
 
 lane_b() {
   while [ ! -f "$set_dir/clip-done.tmp" ]; do sleep 2; done
-  unclip data embed --model "$set_dir" --data shapes --count "$CACHE_COUNT" --batch-size 1024 \
+  "${unclip[@]}" data embed --model "$set_dir" --data shapes --count "$CACHE_COUNT" --batch-size 1024 \
     -o "$set_dir/cache.safetensors" -q
-  boxed "$("$py" -c "print(max(1, int(0.65 * $(left))))")" unclip train prior --cache "$set_dir/cache.safetensors" \
+  boxed "$(left 65)" "${unclip[@]}" train prior --cache "$set_dir/cache.safetensors" \
     --steps "$MAX_STEPS" --batch-size "$PRIOR_BATCH" --lr "$PRIOR_LR" --warmup 200 "${common[@]}"
-  boxed "$(left)" unclip train prior-ar --cache "$set_dir/cache.safetensors" --steps "$MAX_STEPS" \
+  boxed "$(left)" "${unclip[@]}" train prior-ar --cache "$set_dir/cache.safetensors" --steps "$MAX_STEPS" \
     --batch-size "$PRIOR_BATCH" --lr "$PRIOR_LR" --warmup 200 "${common[@]}"
 }
 
 lane_c() {
-  boxed "$total" unclip train upsampler-1024 --data shapes --steps "$MAX_STEPS" --batch-size "$UP_BATCH" \
+  boxed "$total" "${unclip[@]}" train upsampler-1024 --data shapes --steps "$MAX_STEPS" --batch-size "$UP_BATCH" \
     --lr "$UP_LR" --crop 1024 --color-jitter 0.3 --warmup 25 "${common[@]}"
 }
 
@@ -121,6 +121,6 @@ pack set-2.tar prior prior-ar
 pack set-3.tar decoder
 pack set-4.tar upsampler-256 upsampler-1024
 # packed before the eval, so that the weights come back even if the device command's time runs out during it
-unclip eval --model "$set_dir" --count "$EVAL_COUNT" --seed 0 --upsamplers -q 2>&1 | tee "$out/eval.txt" || rc=1
+"${unclip[@]}" eval --model "$set_dir" --count "$EVAL_COUNT" --seed 0 --upsamplers -q 2>&1 | tee "$out/eval.txt" || rc=1
 ls -l "$out"
 exit $rc

@@ -270,20 +270,14 @@ def test_downscale_inverts_a_smooth_upscale():
 # ---------------------------------------------------------------------- the shipped model set
 
 
-def _weights_only_files(root: Path) -> list[Path]:
-    """A kept set's files, checked: no training states or logs, each file at most 16 MiB."""
-    files = [p for p in root.rglob("*") if p.is_file()]
-    assert not [p for p in files if p.suffix in (".pt", ".jsonl")], "training states and logs stay out"
-    assert max(p.stat().st_size for p in files) <= 16 * 2**20
-    return files
-
-
 def test_shipped_set_is_complete_and_small():
     shipped = default_model_dir()
     assert shipped is not None and shipped.name == "shapes-small"
     manifest = json.loads((shipped / MANIFEST).read_text())
     assert manifest["components"] == ["clip", "prior", "prior-ar", "decoder", "upsampler-256", "upsampler-1024"]
-    files = _weights_only_files(shipped)
+    files = [p for p in shipped.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".pt", ".jsonl")], "training states and logs stay out of weights/"
+    assert max(p.stat().st_size for p in files) <= 16 * 2**20
     assert sum(p.stat().st_size for p in files) <= 80 * 2**20
     assert (shipped / "README.md").is_file()  # the model card
 
