@@ -1,6 +1,6 @@
 """A tiny CNN that names the shape in a square mask crop, and its training on rendered scenes.
 
-The training crops come from the judge's own pipeline (`judge.object_crops`) run on rendered
+The training crops come from the judge's own pipeline (`pixels.object_crops`) run on rendered
 scenes, clean and degraded (blur, noise, color shifts, coarser antialiasing), so the classifier
 sees what the judge will hand it. Weights live in a folder: config.json + model.safetensors (the
 config is also in the safetensors metadata).
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from unclip_cli.data.shapes import SHAPES, MAX_ANGLE, Scene, render, sample_scene
 from unclip_cli.errors import UserError
+from unclip_cli.evaluate.pixels import PALETTE_NAMES, JudgeSettings, core_mask, object_crops, palette_labels, to_rgb
 from unclip_cli.io import atomic_write, load_state_dict, save_weights
 
 FORMAT = "unclip-shape-judge"
@@ -142,8 +143,6 @@ def training_scenes(count: int, seed: int) -> list[Scene]:
 
 def scene_crops(scenes: list[Scene], images: torch.Tensor, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every object of the scenes through the judge's own crop pipeline -> (N, 1, crop, crop), (N,) shape index."""
-    from unclip_cli.evaluate.judge import PALETTE_NAMES, JudgeSettings, core_mask, object_crops, palette_labels, to_rgb
-
     s = JudgeSettings()
     rgb = to_rgb(images)
     labels = palette_labels(rgb, s.reject)
