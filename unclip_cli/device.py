@@ -1,4 +1,5 @@
-"""Choosing the torch device: --device, else $UNCLIP_DEVICE, else CUDA when present, else the CPU."""
+"""Where tensors live and where noise comes from: the torch device (--device, else $UNCLIP_DEVICE,
+else CUDA when present, else the CPU) and the seeded CPU random generator every stage draws from."""
 
 from __future__ import annotations
 
@@ -18,3 +19,14 @@ def resolve_device(option: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA device is available")
     return device
+
+
+def make_generator(seed: int | None) -> tuple[torch.Generator, int]:
+    """One CPU generator, so the same seed gives the same noise on any device; seed None draws a fresh
+    one (returned, for the record)."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2^63), got {seed}")
+    return torch.Generator("cpu").manual_seed(seed), seed

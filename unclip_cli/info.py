@@ -12,7 +12,8 @@ def describe(path: str) -> list[str]:
     p = Path(path)
     if p.is_dir():
         return _describe_model_set(p)
-    from unclip_cli.io import NPY_MAGIC, PNG_MAGIC, decode_image, parse_stage, read_input, split_pngs
+    from unclip_cli.io import NPY_MAGIC, PNG_MAGIC, RECORD_KEY, decode_image, parse_stage, read_input, split_pngs
+    from unclip_cli.record import from_meta, from_png_text
 
     data, name = read_input(path, "a file")
     if data.startswith(PNG_MAGIC) or data[:3] == b"\xff\xd8\xff":
@@ -21,6 +22,8 @@ def describe(path: str) -> list[str]:
         for i, part in enumerate(parts):
             img = decode_image(part, name)
             lines.append(f"  [{i}] {img.size[0]}x{img.size[1]} RGB")
+            record = from_png_text(img.info.get(RECORD_KEY))
+            lines += [f"    {key}: {_show(record[key])}" for key in sorted(record or {})]
         return lines
     stage = parse_stage(data, name)  # stdin is read once
     if stage.bare or data.startswith(NPY_MAGIC):
@@ -32,16 +35,31 @@ def describe(path: str) -> list[str]:
         lines.append(f"  {key}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}")
     if "image_embed" in stage.tensors:
         lines.append(f"  image_embed norms: {_norms(stage.tensors['image_embed'])}")
-    for key in sorted(stage.meta):
-        if key in ("format", "version", "kind"):
-            continue
-        value = stage.meta[key]
-        try:
-            value = json.loads(value) if key in ("prompts", "images", "slerp", "mix", "reconstruction_psnr") else value
-        except json.JSONDecodeError:
-            pass
-        lines.append(f"  {key}: {value}")
+    record = from_meta(stage.meta)
+    lines += [f"  {key}: {_show(record[key])}" for key in sorted(record)]
     return lines
+
+
+def _show(value) -> str:
+    """A record value on one line: strings as they are, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def remake_command(path: str) -> str:
+    """One shell command line that makes the pixels of the PNG at `path` again (from its record)."""
+    from unclip_cli.io import RECORD_KEY, read_images
+    from unclip_cli.record import NotReproducible, command_line, from_png_text
+
+    (img, name), *rest = read_images([path], "a PNG made by unclip")
+    if rest:
+        raise UserError(f"{name}: holds {len(rest) + 1} images; --command takes one")
+    record = from_png_text(img.info.get(RECORD_KEY))
+    if record is None:
+        raise UserError(f"{name}: carries no unclip record (not made by unclip, or stripped of its text chunk)")
+    try:
+        return command_line(record, "out.png" if path == "-" else path)
+    except NotReproducible as e:
+        raise UserError(f"{name}: cannot be made again from scratch: {e}") from None
 
 
 def _norms(t) -> str:

@@ -33,6 +33,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # the random generator's state. Viewers ignore it; read back into `img.info[CARRY_KEY]`.
 CARRY_CHUNK = b"unCL"
 CARRY_KEY = "unclip_carry"
+RECORD_KEY = "unclip"  # tEXt keyword of a PNG's record (how it was made: see record.py)
 # Tensor that a bare .npy stands for, per stage-file kind.
 MAIN_TENSOR = {"text": "text_embed", "image": "image_embed", "latent": "image_embed"}
 
@@ -263,6 +264,16 @@ def write_stage(stage: StageFile, output: str | None) -> None:
     emit(safetensors_bytes(stage.tensors, meta), output)
 
 
+def load_stage(path: str | os.PathLike) -> StageFile:
+    """The Python API's reader: a stage file or bare .npy embedding from a path ('-': stdin)."""
+    return read_stage(str(path))
+
+
+def save_stage(stage: StageFile, path: str | os.PathLike) -> None:
+    """The Python API's writer: a stage file to a path (a .npy name: the main tensor alone), atomically."""
+    write_stage(stage, str(path))
+
+
 # --------------------------------------------------------------------------- images
 
 
@@ -344,17 +355,18 @@ def carried(images: list[Image.Image], key: str) -> list[torch.Tensor] | None:
     return None if any(t is None for t in found) else found
 
 
-def exact_images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+def exact_images_to_tensor(images: list[Image.Image]) -> tuple[torch.Tensor, bool]:
     """images_to_tensor, but with the carried float values where every image has them and they still
-    round to its pixels (a PNG straight from `decode`): what the stage that wrote them computed."""
+    round to its pixels (a PNG straight from `decode`): what the stage that wrote them computed.
+    Returns the tensor and whether it is those exact values."""
     floats = carried(images, "image")
     if floats is not None and all(
         f.dtype == torch.float32 and tuple(f.shape) == (3, img.height, img.width) for f, img in zip(floats, images)
     ):
         x = torch.stack(floats)  # (B, 3, H, W)
         if all(np.array_equal(np.asarray(a), np.asarray(b.convert("RGB"))) for a, b in zip(tensor_to_images(x), images)):
-            return x
-    return images_to_tensor(images)
+            return x, True
+    return images_to_tensor(images), False
 
 
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
@@ -371,13 +383,16 @@ def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 def png_bytes(img: Image.Image, carry: dict[str, torch.Tensor] | None = None) -> bytes:
-    """PNG bytes; `carry` tensors go into a CARRY_CHUNK."""
+    """PNG bytes, with the image's record (`img.info[RECORD_KEY]`, a readable tEXt chunk) and its carried
+    tensors (`carry`, else `img.info[CARRY_KEY]`, in a CARRY_CHUNK) when it has them."""
     from PIL.PngImagePlugin import PngInfo
 
     buf = _io.BytesIO()
-    info = None
+    info = PngInfo()
+    if isinstance(img.info.get(RECORD_KEY), str):
+        info.add_text(RECORD_KEY, img.info[RECORD_KEY])
+    carry = carry if carry is not None else img.info.get(CARRY_KEY)
     if carry:
-        info = PngInfo()
         info.add(CARRY_CHUNK, safetensors_bytes(carry, {"format": "unclip-carry"}))
     img.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
@@ -389,20 +404,19 @@ def numbered(output: str, i: int) -> str:
     return str(p.with_name(f"{p.stem}-{i}{p.suffix}"))
 
 
-def write_images(
-    images: list[Image.Image], output: str | None, carry: list[dict[str, torch.Tensor]] | None = None
-) -> list[str]:
+def write_images(images: list[Image.Image], output: str | None) -> list[str]:
     """One image -> output; several -> out-0.png, out-1.png...; stdout gets the PNGs back to back.
 
-    carry: per image, tensors for a CARRY_CHUNK (see there).
+    Each PNG carries its image's record and carried tensors (see png_bytes). All of a batch is
+    encoded before the first file is written.
     """
-    carry = carry or [None] * len(images)
     if output is None:
-        emit(b"".join(png_bytes(img, c) for img, c in zip(images, carry)), None)
+        emit(b"".join(png_bytes(img) for img in images), None)
         return ["<stdout>"]
     if Path(output).suffix.lower() not in (".png", ""):
         raise UserError(f"{output}: images are written as PNG; use a .png name")
     paths = [output] if len(images) == 1 else [numbered(output, i) for i in range(len(images))]
-    for img, c, path in zip(images, carry, paths):
-        emit(png_bytes(img, c), path)
+    blobs = [png_bytes(img) for img in images]
+    for blob, path in zip(blobs, paths):
+        emit(blob, path)
     return paths

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import sys
 from typing import Annotated, Iterator, Optional
 
@@ -58,31 +56,19 @@ KindOpt = Annotated[
 ]
 
 
-def resolve_device(option: str | None):
-    from unclip_cli.device import resolve_device as resolve
-
-    return resolve(option)
-
-
-def make_generator(seed: int | None):
-    """One CPU generator per run: the same seed gives the same noise on any device."""
-    import torch
-
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-    if seed < 0:
-        raise UserError("--seed must be >= 0")
-    return torch.Generator("cpu").manual_seed(seed), seed
-
-
 def check_min(name: str, value: int | None, minimum: int = 1) -> None:
     if value is not None and value < minimum:
         raise UserError(f"{name} must be >= {minimum}")
 
 
+def say(message: str) -> None:
+    """A one-line note on stderr."""
+    typer.echo(message, err=True)
+
+
 @contextlib.contextmanager
-def progress(label: str, quiet: bool) -> Iterator:
-    """A rich progress bar on stderr; yields a sampler callback(i, n)."""
+def progress(quiet: bool) -> Iterator:
+    """Rich progress bars on stderr, one per stage; yields the pipeline's callback(stage, i, n) (None when quiet)."""
     if quiet:
         yield None
         return
@@ -94,10 +80,12 @@ def progress(label: str, quiet: bool) -> Iterator:
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=console, transient=True, disable=not console.is_terminal,
     ) as bar:
-        task = bar.add_task(label, total=None)
+        tasks: dict[str, int] = {}
 
-        def callback(i: int, n: int) -> None:
-            bar.update(task, completed=i + 1, total=n)
+        def callback(stage: str, i: int, n: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=n)
+            bar.update(tasks[stage], completed=i + 1, total=n)
 
         yield callback
 
@@ -108,23 +96,18 @@ def open_model_set(model: str | None):
     return ModelSet.open(model)
 
 
-def null_text(ms, device, batch: int = 1):
-    """The empty prompt's conditioning (the unconditional branch of guidance), `batch` rows.
+def open_pipeline(model: str | None, device: str | None):
+    """The pipeline over --model on --device; its notes go to stderr."""
+    from unclip_cli.pipeline import Pipeline
 
-    Encoded as a batch, as diffusers does: a batch of B can differ from one row in the last bits.
-    """
-    from unclip_cli.stages.conditioning import TextCond
-
-    clip = ms.load("clip", device)
-    return TextCond(*clip.encode_text([""] * batch))
+    return Pipeline.load(model, device=device, log=say)
 
 
-def stage_meta(ms, **extra) -> dict[str, str]:
-    meta = {"clip": ms.clip_identity, "clip_dim": str(ms.clip_dim), "model": ms.name}
-    for k, v in extra.items():
-        if v is not None:
-            meta[k] = v if isinstance(v, str) else json.dumps(v)
-    return meta
+def report_seed(given: int | None, record: dict | None, key: str) -> None:
+    """Without --seed, say on stderr which seed was drawn (the output's record holds it too)."""
+    drawn = (record or {}).get(key)
+    if given is None and drawn is not None:
+        say(f"seed {drawn}")
 
 
 def read_prompts(prompts: list[str] | None) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from unclip_cli.cli.common import _Group, DeviceOpt, ModelOpt, QuietOpt, app, check_min, open_model_set, progress, resolve_device
+from unclip_cli.cli.common import _Group, DeviceOpt, ModelOpt, QuietOpt, app, check_min, open_model_set, progress
 from unclip_cli.errors import UserError
 
 data_app = typer.Typer(cls=_Group, help="Training data: the procedural shapes, CLIP embedding caches.", no_args_is_help=True)
@@ -50,19 +50,21 @@ def shapes(
     parent = out.resolve().parent
     if not parent.is_dir():
         raise UserError(f"{parent}: folder does not exist")
+    from unclip_cli.device import resolve_device
+
     dev = resolve_device(device)
     width = max(6, len(str(count - 1)))
     batch = max(1, min(64, (64 * 256 * 256) // (size * size)))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
-        with progress("shapes", quiet) as cb:
+        with progress(quiet) as cb:
             for start in range(0, count, batch):
                 scenes = [scene_for_index(seed, i) for i in range(start, min(start + batch, count))]
                 for i, (scene, img) in enumerate(zip(scenes, tensor_to_images(render(scenes, size, dev))), start):
                     (tmp / f"{i:0{width}d}.png").write_bytes(png_bytes(img))
                     (tmp / f"{i:0{width}d}.txt").write_text(scene.caption + "\n")
                 if cb:
-                    cb(start + len(scenes) - 1, count)
+                    cb("shapes", start + len(scenes) - 1, count)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -97,10 +99,13 @@ def embed(
     if count is not None and count > total:
         raise UserError(f"--count {count}, but {source.name} has {total} items")
     n = total if count is None else count
+    from unclip_cli.device import resolve_device
+
     ms = open_model_set(model)
     clip = ms.load("clip", resolve_device(device))
-    with progress("embed", quiet) as cb:
+    with progress(quiet) as cb:
         build_embedding_cache(
-            source, clip, output, indices=range(n), batch_size=batch_size, callback=cb, clip_identity=ms.clip_identity
+            source, clip, output, indices=range(n), batch_size=batch_size, clip_identity=ms.clip_identity,
+            callback=(lambda i, total: cb("embed", i, total)) if cb else None,
         )
     typer.echo(f"wrote {n} embeddings of {source.name} to {output}", err=True)

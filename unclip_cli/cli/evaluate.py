@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from unclip_cli.cli.common import _Group, DeviceOpt, ModelOpt, QuietOpt, app, check_min, open_model_set, progress, resolve_device
+from unclip_cli.cli.common import _Group, DeviceOpt, ModelOpt, QuietOpt, app, check_min, open_pipeline, progress
 from unclip_cli.errors import UserError
 
 eval_app = typer.Typer(cls=_Group, invoke_without_command=True)
@@ -52,27 +52,26 @@ def evaluate(
     folder = Path(save) if save else None
     if folder is not None and folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a folder")
-    judge = Judge.load(judge_dir)
-    ms = open_model_set(model)
-    from unclip_cli.stages.priors import KINDS, prior_kind as resolve_kind
+    from unclip_cli.pipeline import PRIOR_KINDS
 
-    for component in ("clip", KINDS[resolve_kind(ms, prior_kind)], "decoder"):
-        ms.require(component)
-    dev = resolve_device(device)
+    judge = Judge.load(judge_dir)
+    pipe = open_pipeline(model, device)
+    for component in ("clip", PRIOR_KINDS[pipe.prior_kind(prior_kind)], "decoder"):
+        pipe.models.require(component)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
 
-    with progress("eval", quiet) as cb:
+    with progress(quiet) as cb:
 
         def on_batch(start, images, verdicts):
             if folder is not None:
                 for i, img in enumerate(tensor_to_images(images), start):
                     atomic_write(folder / f"{i:03d}.png", png_bytes(img))
             if cb:
-                cb(start + len(verdicts) - 1, count)
+                cb("eval", start + len(verdicts) - 1, count)
 
         report = run_eval(
-            ms, judge, count=count, seed=seed, batch_size=batch_size, device=dev,
+            pipe, judge, count=count, seed=seed, batch_size=batch_size,
             upsample=min(upsample_count, count) if upsamplers else 0, prior_kind=prior_kind, on_batch=on_batch,
         )
     if json_out is not None:
@@ -106,9 +105,9 @@ def train_judge(
     if not out.resolve().parent.is_dir():
         raise UserError(f"{out.resolve().parent}: folder does not exist")
     say = None if quiet else (lambda msg: typer.echo(msg, err=True))
-    with progress("train-judge", quiet) as cb:
+    with progress(quiet) as cb:
         model, record = train_classifier(
-            steps=steps, scenes=scenes, seed=seed, on_step=(lambda i, n, _loss: cb(i - 1, n)) if cb else None, log=say,
+            steps=steps, scenes=scenes, seed=seed, on_step=(lambda i, n, _loss: cb("train-judge", i - 1, n)) if cb else None, log=say,
         )
     save_classifier(out, model, record)
     params = sum(p.numel() for p in model.parameters())

@@ -7,8 +7,6 @@ where x_T is needed), a latent file from `invert`, or an image-embedding file.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,7 +14,7 @@ import typer
 
 from unclip_cli.cli.common import (
     DeviceOpt, GuidanceOpt, KindOpt, ModelOpt, OutputOpt, QuietOpt, SeedOpt, StepsOpt,
-    app, check_min, make_generator, null_text, open_model_set, progress, resolve_device, stage_meta,
+    app, check_min, open_pipeline, progress, report_seed, say,
 )
 from unclip_cli.errors import UserError
 
@@ -29,17 +27,6 @@ InvertGuidanceOpt = Annotated[
 FramesOutOpt = Annotated[
     Optional[str], typer.Option("--output", "-o", help="strip .png (default, or stdout), .gif, or a folder ending in /.")
 ]
-
-
-@dataclass
-class Latent:
-    """One input as far as it is known: its embedding (1, D), its x_T (1, C, S, S) or None."""
-
-    embed: "object"
-    noise: "object | None"
-    steps: int | None = None  # the decoder steps and guidance x_T was inverted with
-    guidance: float | None = None
-    source: str = ""
 
 
 # ---------------------------------------------------------------------- reading inputs
@@ -61,75 +48,15 @@ def _read_item(source: str):
             raise not_stage from None
 
 
-def _invert_images(ms, dev, images, steps, guidance, refine, quiet):
-    """PIL images -> (z (B, D), x_T (B, C, S, S), reconstruction PSNRs): CLIP embedding, then DDIM inversion."""
-    import torch
-
-    from unclip_cli.io import exact_images_to_tensor
-    from unclip_cli.stages.manipulate import decode_latent, fit_image, invert
-
-    clip = ms.load("clip", dev)
-    decoder = ms.load("decoder", dev)
-    size = decoder.cfg.unet.sample_size
-    embed = clip.encode_image(images).cpu()
-    # each image alone: sizes may differ; a PNG from decode gives its exact float values
-    pixels = torch.stack([fit_image(exact_images_to_tensor([img])[0], size) for img in images])
-    null = null_text(ms, dev, len(images))
-    with progress("invert", quiet) as cb:
-        x_T, _ = invert(decoder, pixels, embed, null, null, steps=steps, guidance=guidance, refine=refine, callback=cb)
-    back = decode_latent(decoder, embed, x_T, null, steps=steps, guidance=guidance)
-    mse = ((back.cpu() - pixels) ** 2).flatten(1).mean(1)  # pixels in [-1, 1]: peak-to-peak 2
-    psnr = [float(10 * torch.log10(4 / m.clamp_min(1e-12))) for m in mse]
-    return embed, x_T.cpu(), psnr
+def _item(source: str):
+    """A path (or '-') -> what the pipeline takes: a PIL image or a StageFile."""
+    return _read_item(source)[1]
 
 
-def _latent_of(source, ms, dev, *, steps, guidance, refine, quiet, need_noise: bool, read=None) -> Latent:
-    """An image, latent file or embedding file -> Latent (inverting an image when need_noise).
+def _record(images) -> dict:
+    from unclip_cli.pipeline import image_record
 
-    read: the (kind, content) `_read_item(source)` already gave, else it is read here."""
-    kind, item = read or _read_item(source)
-    if kind == "image":
-        if not need_noise:
-            return Latent(ms.load("clip", dev).encode_image([item]).cpu(), None, source=source)
-        embed, x_T, psnr = _invert_images(ms, dev, [item], steps, guidance, refine, quiet)
-        _say(f"{source}: inverted in {steps} steps (guidance {guidance:g}), reconstruction {psnr[0]:.1f} dB PSNR")
-        return Latent(embed, x_T, steps, guidance, source)
-    stage = item
-    if stage.kind == "text":
-        raise UserError(f"{source}: text conditioning; expected an image, a latent or an image embedding")
-    embed = stage.tensors["image_embed"].float()
-    ms.check_clip(stage.clip, embed.shape[-1], source)
-    if embed.shape[0] != 1:
-        _say(f"{source}: a batch of {embed.shape[0]}; using the first")
-    if stage.kind == "latent":
-        noise = stage.tensors["noise"].float()[:1]
-        return Latent(
-            embed[:1], noise, int(stage.meta.get("decoder_steps", 0)) or None,
-            float(stage.meta["decoder_guidance"]) if "decoder_guidance" in stage.meta else None, source,
-        )
-    if need_noise:
-        _refuse_bare_embedding(source, item)
-    return Latent(embed[:1], None, source=source)
-
-
-def _refuse_bare_embedding(source: str, stage) -> None:
-    """Where x_T is needed, an image-embedding file (no x_T) is refused."""
-    if stage.kind == "image":
-        raise UserError(f"{source}: an image embedding has no x_T to keep; pass the image or its latent (unclip invert)")
-
-
-def _decoder_settings(ms, steps, guidance, *latents):
-    """Steps and guidance: given, else those the latents were inverted with, else the set's defaults."""
-    settings = ms.sampling("decoder")
-    known = [lat for lat in latents if lat is not None and lat.steps is not None]
-    steps = steps or (known[0].steps if known else settings["steps"])
-    if guidance is None:
-        guidance = known[0].guidance if known else settings["guidance"]
-    return steps, guidance
-
-
-def _say(msg: str) -> None:
-    typer.echo(msg, err=True)
+    return image_record(images[0]) or {}
 
 
 # ---------------------------------------------------------------------- invert
@@ -152,22 +79,22 @@ def invert_cmd(
     steps (conditioned on z_i, empty text) are solved backwards to x_T. The latent records the
     steps and guidance; `decode`, `vary`, `interpolate --invert` and `text-diff` reuse them.
     """
-    from unclip_cli.io import StageFile, read_images, stdout_target, write_stage
+    from unclip_cli.io import read_images, stdout_target, write_stage
+    from unclip_cli.record import from_meta
 
     check_min("--steps", steps, 2)
     if refine < 0:
         raise UserError("--refine must be >= 0")
     items = read_images(images)
     target = stdout_target(output)
-    ms = open_model_set(model)
-    dev = resolve_device(device)
-    steps = steps or ms.sampling("decoder")["steps"]
-    pils, names = [img for img, _ in items], [name for _, name in items]
-    embed, x_T, psnr = _invert_images(ms, dev, pils, steps, guidance, refine, quiet)
-    for name, p in zip(names, psnr):
-        _say(f"{name}: inverted in {steps} steps (guidance {guidance:g}), reconstruction {p:.1f} dB PSNR")
-    meta = stage_meta(ms, images=names, decoder_steps=steps, decoder_guidance=guidance, reconstruction_psnr=psnr)
-    write_stage(StageFile("latent", {"image_embed": embed, "noise": x_T}, meta), target)
+    pipe = open_pipeline(model, device)
+    names = [name for _, name in items]
+    with progress(quiet) as cb:
+        latent = pipe.invert([img for img, _ in items], names=names, steps=steps, guidance=guidance, refine=refine, callback=cb)
+    record = from_meta(latent.meta)
+    for name, p in zip(names, record["reconstruction_psnr"]):
+        say(f"{name}: inverted in {record['decoder_steps']} steps (guidance {guidance:g}), reconstruction {p:.1f} dB PSNR")
+    write_stage(latent, target)
 
 
 # ---------------------------------------------------------------------- vary
@@ -192,33 +119,19 @@ def vary_cmd(
 
     Writes N 64px PNGs (out-0.png, out-1.png...; back to back on stdout).
     """
-    from unclip_cli.io import stdout_target, tensor_to_images, write_images
-    from unclip_cli.stages.decode import draw_latent_noise
-    from unclip_cli.stages.manipulate import vary
+    from unclip_cli.io import stdout_target, write_images
 
     check_min("-n", n)
     check_min("--steps", steps, 2)
     if eta < 0:
         raise UserError("--eta must be >= 0")
     target = stdout_target(output)
-    ms = open_model_set(model)
-    dev = resolve_device(device)
-    inv_steps = steps or ms.sampling("decoder")["steps"]
-    lat = _latent_of(
-        source or "-", ms, dev, steps=inv_steps, guidance=1.0 if guidance is None else guidance, refine=refine,
-        quiet=quiet, need_noise=not fresh_noise,
-    )
-    steps, guidance = _decoder_settings(ms, steps, guidance, lat if not fresh_noise else None)
-    decoder = ms.load("decoder", dev)
-    gen, seed = make_generator(seed)
-    x_T = draw_latent_noise(decoder, n, gen) if fresh_noise else lat.noise
-    embed = lat.embed.expand(n, -1) if fresh_noise else lat.embed
-    with progress("vary", quiet) as cb:
-        images = vary(
-            decoder, embed, x_T, null_text(ms, dev), n=1 if fresh_noise else n, eta=eta, steps=steps,
-            guidance=guidance, generator=gen, callback=cb,
-        )
-    write_images(tensor_to_images(images), target)
+    pipe = open_pipeline(model, device)
+    with progress(quiet) as cb:
+        images = pipe.vary(_item(source or "-"), n=n, eta=eta, fresh_noise=fresh_noise, steps=steps, guidance=guidance,
+                           seed=seed, refine=refine, name=source or "<stdin>", callback=cb)
+    report_seed(seed, _record(images), "decoder_seed")
+    write_images(images, target)
 
 
 # ---------------------------------------------------------------------- interpolate
@@ -246,9 +159,8 @@ def interpolate(
     --fixed-noise (default): every frame from the same x_T; --invert: x_T slerped between the two
     inverted latents. -o strip.png: frames side by side; -o anim.gif; -o DIR/: DIR/frame-000.png...
     """
-    from unclip_cli.io import stdout_target, tensor_to_images
-    from unclip_cli.stages.decode import draw_latent_noise, run_decoder
-    from unclip_cli.stages.manipulate import decode_latent, slerp_frames
+    from unclip_cli.io import stdout_target
+    from unclip_cli.pipeline_edit import refuse_bare_embedding
 
     if frames < 2:
         raise UserError("-n must be >= 2")
@@ -261,32 +173,17 @@ def interpolate(
         raise UserError("--eta must be >= 0")
     kind = frames_kind(output)
     target = stdout_target(output) if kind == "strip" else output
-    ms = open_model_set(model)
-    dev = resolve_device(device)
-    inv_steps = steps or ms.sampling("decoder")["steps"]
-    common = dict(steps=inv_steps, guidance=1.0 if guidance is None else guidance, refine=refine, quiet=quiet, need_noise=invert)
     items = [_read_item(a), _read_item(b)]  # both read (and checked) before any inversion runs
     if invert:
-        for source, (kind, item) in zip((a, b), items):
-            if kind == "stage":
-                _refuse_bare_embedding(source, item)
-    la, lb = (_latent_of(s, ms, dev, read=it, **common) for s, it in zip((a, b), items))
-    steps, guidance = _decoder_settings(ms, steps, guidance, *((la, lb) if invert else ()))
-    embeds = slerp_frames(la.embed, lb.embed, frames)  # (N, D)
-    net = ms.load("decoder", dev)
-    gen, seed = make_generator(seed)
-    null = null_text(ms, dev)
-    with progress("interpolate", quiet) as cb:
-        if invert:  # x_T slerped between the inverted latents: the endpoints reconstruct A and B
-            x_T = slerp_frames(la.noise, lb.noise, frames)  # (N, C, S, S)
-            images = decode_latent(net, embeds, x_T, null, steps=steps, guidance=guidance, eta=eta, generator=gen, callback=cb)
-        else:
-            x_T = draw_latent_noise(net, 1, gen).expand(frames, -1, -1, -1).contiguous()
-            images = run_decoder(
-                net, embeds, null.expand(frames), null, steps=steps, guidance=guidance, generator=gen, eta=eta,
-                x_T=x_T, callback=cb,
-            )
-    write_frames(tensor_to_images(images), target, kind)
+        for source, (item_kind, item) in zip((a, b), items):
+            if item_kind == "stage":
+                refuse_bare_embedding(item, source)
+    pipe = open_pipeline(model, device)
+    with progress(quiet) as cb:
+        images = pipe.interpolate(items[0][1], items[1][1], frames=frames, invert=invert, steps=steps, guidance=guidance,
+                                  seed=seed, eta=eta, refine=refine, names=(a, b), callback=cb)
+    report_seed(seed, _record(images), "decoder_seed")
+    write_frames(images, target, kind)
 
 
 def frames_kind(output: str | None) -> str:
@@ -345,8 +242,7 @@ def text_diff_cmd(
 
     x_T stays the image's inverted latent, so theta = 0 gives the image back (DDIM, eta 0).
     """
-    from unclip_cli.io import stdout_target, tensor_to_images
-    from unclip_cli.stages.manipulate import decode_latent, text_diff
+    from unclip_cli.io import stdout_target
 
     if frames < 2:
         raise UserError("-n must be >= 2")
@@ -357,27 +253,11 @@ def text_diff_cmd(
     check_min("--steps", steps, 2)
     kind = frames_kind(output)
     target = stdout_target(output) if kind == "strip" else output
-    ms = open_model_set(model)
-    dev = resolve_device(device)
-    inv_steps = steps or ms.sampling("decoder")["steps"]
-    lat = _latent_of(
-        source or "-", ms, dev, steps=inv_steps, guidance=1.0 if guidance is None else guidance, refine=refine,
-        quiet=quiet, need_noise=True,
-    )
-    steps, guidance = _decoder_settings(ms, steps, guidance, lat)
-    text_embed, _, _ = ms.load("clip", dev).encode_text([from_text, to_text])
-    thetas = [max_theta * i / (frames - 1) for i in range(frames)]
-    try:
-        embeds = text_diff(lat.embed, text_embed[:1].cpu(), text_embed[1:].cpu(), thetas)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    null = null_text(ms, dev)
-    with progress("text-diff", quiet) as cb:
-        images = decode_latent(
-            ms.load("decoder", dev), embeds, lat.noise.expand(frames, -1, -1, -1), null, steps=steps,
-            guidance=guidance, callback=cb,
-        )
-    write_frames(tensor_to_images(images), target, kind)
+    pipe = open_pipeline(model, device)
+    with progress(quiet) as cb:
+        images = pipe.text_diff(_item(source or "-"), to_text=to_text, from_text=from_text, frames=frames, max_theta=max_theta,
+                                steps=steps, guidance=guidance, refine=refine, name=source or "<stdin>", callback=cb)
+    write_frames(images, target, kind)
 
 
 # ---------------------------------------------------------------------- mix
@@ -402,11 +282,8 @@ def mix_cmd(
     (with --kind, --steps, --guidance, --seed). Linear, unlike slerp: mixing two directions shortens the
     vector. Writes an image-embedding file for `decode`.
     """
-    import torch
-
-    from unclip_cli.io import StageFile, stdout_target, write_stage
-    from unclip_cli.stages.conditioning import TextCond
-    from unclip_cli.stages.manipulate import mix
+    from unclip_cli.io import stdout_target, write_stage
+    from unclip_cli.record import from_meta
 
     if not items:
         raise UserError("no items to mix")
@@ -415,28 +292,13 @@ def mix_cmd(
     w = _parse_weights(weights, len(items))
     check_min("--steps", steps, 2)
     target = stdout_target(output)
-    ms = open_model_set(model)
-    dev = resolve_device(device)
-    texts = [it[len("text:"):] for it in items if it.startswith("text:")]
-    prompt_embeds = iter(())
-    if texts:
-        from unclip_cli.stages.priors import sample_prior
-
-        clip = ms.load("clip", dev)
-        cond = TextCond(*clip.encode_text(texts))
-        gen, seed = make_generator(seed)
-        with progress("prior", quiet) as cb:
-            found, _ = sample_prior(ms, dev, kind, cond, null_text(ms, dev), gen, steps=steps, guidance=guidance, callback=cb)
-        prompt_embeds = iter(found.cpu())
-    embeds = []
-    for it in items:
-        if it.startswith("text:"):
-            embeds.append(next(prompt_embeds)[None])
-        else:
-            embeds.append(_latent_of(it, ms, dev, steps=None, guidance=None, refine=0, quiet=quiet, need_noise=False).embed)
-    mixed = mix(torch.cat(embeds), w)
-    meta = stage_meta(ms, mix=json.dumps({"items": items, "weights": w}), seed=seed if texts else None)
-    write_stage(StageFile("image", {"image_embed": mixed}, meta), target)
+    pipe = open_pipeline(model, device)
+    inputs = [it if it.startswith("text:") else _item(it) for it in items]
+    with progress(quiet) as cb:
+        mixed = pipe.mix(inputs, w, kind=kind, steps=steps, guidance=guidance, seed=seed, names=items, callback=cb)
+    if any(it.startswith("text:") for it in items):
+        report_seed(seed, from_meta(mixed.meta), "prior_seed")
+    write_stage(mixed, target)
 
 
 def _parse_weights(text: str | None, n: int) -> list[float]:

@@ -1,21 +1,26 @@
-"""The pipeline stage commands: encode-text, encode-image, prior, decode, upsample, slerp, generate, info."""
+"""The pipeline stage commands: encode-text, encode-image, prior, decode, upsample, slerp, generate, info.
+
+Each parses its options, reads its input, calls the Pipeline (unclip_cli/pipeline.py) and writes the result.
+"""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from unclip_cli.cli.common import (
     DeviceOpt, GuidanceOpt, KindOpt, ModelOpt, OutputOpt, QuietOpt, SeedOpt, StepsOpt,
-    resolve_device, make_generator, null_text, open_model_set, check_min, progress, read_prompts, stage_meta, app,
+    app, check_min, open_pipeline, progress, read_prompts, report_seed,
 )
 from unclip_cli.errors import UserError
 
 
-# ---------------------------------------------------------------------- stages
+def _record(images) -> dict:
+    from unclip_cli.pipeline import image_record
+
+    return image_record(images[0]) or {}
 
 
 @app.command("encode-text")
@@ -26,15 +31,11 @@ def encode_text(
     device: DeviceOpt = None,
 ) -> None:
     """Encode prompts with CLIP into a text conditioning file."""
-    from unclip_cli.io import StageFile, stdout_target, write_stage
-    from unclip_cli.stages.conditioning import TextCond
+    from unclip_cli.io import stdout_target, write_stage
 
     texts = read_prompts(prompts)
     target = stdout_target(output)
-    ms = open_model_set(model)
-    clip = ms.load("clip", resolve_device(device))
-    cond = TextCond(*clip.encode_text(texts))
-    write_stage(StageFile("text", cond.tensors(), stage_meta(ms, prompts=texts)), target)
+    write_stage(open_pipeline(model, device).encode_text(texts), target)
 
 
 @app.command("encode-image")
@@ -45,15 +46,12 @@ def encode_image(
     device: DeviceOpt = None,
 ) -> None:
     """Encode images with CLIP into an image-embedding file."""
-    from unclip_cli.io import StageFile, read_images, stdout_target, write_stage
+    from unclip_cli.io import read_images, stdout_target, write_stage
 
     items = read_images(images)
     target = stdout_target(output)
-    ms = open_model_set(model)
-    clip = ms.load("clip", resolve_device(device))
-    embed = clip.encode_image([img for img, _ in items])
-    meta = stage_meta(ms, images=[name for _, name in items])
-    write_stage(StageFile("image", {"image_embed": embed}, meta), target)
+    pipe = open_pipeline(model, device)
+    write_stage(pipe.encode_image([img for img, _ in items], names=[name for _, name in items]), target)
 
 
 @app.command("prior")
@@ -78,9 +76,8 @@ def prior(
     --candidates K draws K embeddings per prompt and keeps the one with the largest dot product
     with the text embedding (K = 1: one draw).
     """
-    from unclip_cli.io import StageFile, read_stage, stdout_target, write_stage
-    from unclip_cli.stages.conditioning import TextCond
-    from unclip_cli.stages.priors import KINDS, prior_kind, sample_prior
+    from unclip_cli.io import read_stage, stdout_target, write_stage
+    from unclip_cli.record import from_meta
 
     check_min("--steps", steps, 2)
     check_min("--candidates", candidates)
@@ -88,20 +85,14 @@ def prior(
     if stage.kind != "text":
         raise UserError(f"prior reads text conditioning (from encode-text), got a {stage.kind} file")
     target = stdout_target(output)
-    ms = open_model_set(model)
-    cond = TextCond.from_tensors(stage.tensors)
-    if cond is None:
-        raise UserError("text conditioning file lacks text_hidden / text_mask")
-    ms.check_clip(stage.clip, cond.embed.shape[-1], source or "<stdin>")
-    dev = resolve_device(device)
-    gen, seed = make_generator(seed)
-    ar = dict(temperature=temperature, top_p=top_p, similarity_percentile=similarity_percentile)
-    with progress(KINDS[prior_kind(ms, kind)], quiet) as cb:
-        embed, settings = sample_prior(ms, dev, kind, cond, null_text(ms, dev), gen, steps=steps, guidance=guidance,
-                                       candidates=candidates, callback=cb, **ar)
-    meta = dict(stage.meta)
-    meta.update(stage_meta(ms, seed=seed, **{f"prior_{k}": v for k, v in settings.items()}))
-    write_stage(StageFile("image", {"image_embed": embed, **cond.tensors()}, meta), target)
+    pipe = open_pipeline(model, device)
+    pipe.check_stage(stage, source or "<stdin>")
+    pipe.prior_kind(kind)
+    with progress(quiet) as cb:
+        result = pipe.prior(stage, kind=kind, steps=steps, guidance=guidance, seed=seed, candidates=candidates,
+                            temperature=temperature, top_p=top_p, similarity_percentile=similarity_percentile, callback=cb)
+    report_seed(seed, from_meta(result.meta), "prior_seed")
+    write_stage(result, target)
 
 
 @app.command("decode")
@@ -121,9 +112,7 @@ def decode(
     A latent file from `invert` is decoded from its x_T with DDIM (eta 0 unless --eta) over the
     latent timesteps, with the steps and guidance it was inverted with: that gives the image back.
     """
-    from unclip_cli.io import read_stage, stdout_target, tensor_to_images, write_images
-    from unclip_cli.stages.conditioning import TextCond
-    from unclip_cli.stages.decode import run_decoder
+    from unclip_cli.io import read_stage, stdout_target, write_images
 
     check_min("--steps", steps, 2)
     if eta is not None and eta < 0:
@@ -132,36 +121,12 @@ def decode(
     if stage.kind == "text":
         raise UserError("decode reads image embeddings: run `unclip prior` on text conditioning first")
     target = stdout_target(output)
-    ms = open_model_set(model)
-    embed = stage.tensors["image_embed"].float()
-    ms.check_clip(stage.clip, embed.shape[-1], source or "<stdin>")
-    dev = resolve_device(device)
-    null = null_text(ms, dev, embed.shape[0])
-    cond = TextCond.from_tensors(stage.tensors) or null
-    settings = ms.sampling("decoder")
-    x_T = None
-    if stage.kind == "latent":  # from `invert`: its x_T, with DDIM and the steps / guidance it was inverted with
-        x_T = stage.tensors["noise"].float()
-        eta = 0.0 if eta is None else eta
-        settings = {"steps": int(stage.meta.get("decoder_steps", settings["steps"])),
-                    "guidance": float(stage.meta.get("decoder_guidance", settings["guidance"]))}
-    steps = steps or settings["steps"]
-    guidance = settings["guidance"] if guidance is None else guidance
-    net = ms.load("decoder", dev)
-    size, channels = net.cfg.unet.sample_size, net.cfg.unet.in_channels
-    if x_T is not None and tuple(x_T.shape[1:]) != (channels, size, size):
-        raise UserError(f"{source or '<stdin>'}: latent noise of shape {tuple(x_T.shape[1:])}, the decoder takes {(channels, size, size)}")
-    gen, seed = make_generator(seed)
-    with progress("decoder", quiet) as cb:
-        if x_T is None:
-            images = run_decoder(net, embed, cond, null, steps=steps, guidance=guidance, generator=gen, eta=eta, callback=cb)
-        else:
-            from unclip_cli.stages.manipulate import decode_latent
-
-            images = decode_latent(net, embed, x_T, null, steps=steps, guidance=guidance, eta=eta, generator=gen, callback=cb)
-    # the exact floats and the generator's state ride along, so `decode | upsample` is one pipeline run
-    carry = [{"image": x.float().cpu(), "rng_state": gen.get_state()} for x in images]
-    write_images(tensor_to_images(images), target, carry=carry)
+    pipe = open_pipeline(model, device)
+    pipe.check_stage(stage, source or "<stdin>")
+    with progress(quiet) as cb:
+        images = pipe.decode(stage, steps=steps, guidance=guidance, seed=seed, eta=eta, callback=cb)
+    report_seed(seed, _record(images), "decoder_seed")
+    write_images(images, target)
 
 
 @app.command("upsample")
@@ -180,8 +145,7 @@ def upsample(
     its exact float values are used instead of the 8-bit pixels: `decode --seed S | upsample` draws
     and computes what one pipeline run with seed S does.
     """
-    from unclip_cli.io import carried, exact_images_to_tensor, read_images, stdout_target, tensor_to_images, write_images
-    from unclip_cli.stages.upsample import run_upsampler
+    from unclip_cli.io import read_images, stdout_target, write_images
 
     check_min("--steps", steps, 2)
     items = read_images([source] if source else None, "a 64px or 256px PNG")
@@ -190,36 +154,14 @@ def upsample(
     if len(sizes) != 1:
         raise UserError(f"images of different sizes {sorted(sizes)}: upsample one size at a time")
     (w, h), = sizes
-    ms = open_model_set(model)
-    component = {64: "upsampler-256", 256: "upsampler-1024"}.get(w) if w == h else None
-    if component is None:
+    if w != h or w not in (64, 256):
         raise UserError(f"{items[0][1]}: a {w}x{h} image; upsample takes 64x64 (to 256) or 256x256 (to 1024)")
-    dev = resolve_device(device)
-    net = ms.load(component, dev)
-    if net.cfg.low_res != w:
-        raise UserError(f"{component} of {ms.name!r} takes {net.cfg.low_res}px input, got {w}px")
-    steps = steps or ms.sampling(component)["steps"]
-    pils = [img for img, _ in items]
-    gen = _continued_generator(carried(pils, "rng_state")) if seed is None else None
-    if gen is None:
-        gen, seed = make_generator(seed)
-    with progress(component, quiet) as cb:
-        images = run_upsampler(net, exact_images_to_tensor(pils), steps=steps, generator=gen, callback=cb)
-    write_images(tensor_to_images(images), target, carry=[{"rng_state": gen.get_state()}] * len(images))
-
-
-def _continued_generator(states):
-    """A CPU generator in the state the images carry (all the same), else None."""
-    import torch
-
-    if not states or any(not torch.equal(s, states[0]) for s in states):
-        return None
-    gen = torch.Generator("cpu")
-    try:
-        gen.set_state(states[0])
-    except (RuntimeError, TypeError):
-        return None
-    return gen
+    pipe = open_pipeline(model, device)
+    pipe.models.require({64: "upsampler-256", 256: "upsampler-1024"}[w])
+    with progress(quiet) as cb:
+        images = pipe.upsample([img for img, _ in items], steps=steps, seed=seed, callback=cb)
+    report_seed(seed, _record(images), f"upsampler_{w * 4}_seed")
+    write_images(images, target)
 
 
 @app.command("slerp")
@@ -247,7 +189,9 @@ def slerp_cmd(
     if ea.shape[0] != eb.shape[0] and 1 not in (ea.shape[0], eb.shape[0]):
         raise UserError(f"batch sizes differ: {ea.shape[0]} vs {eb.shape[0]}")
     target = stdout_target(output)
-    meta = {k: v for k, v in (sa.meta or sb.meta).items() if k in ("clip", "clip_dim", "model")}
+    keep = ("clip", "clip_dim", "model", "model_identity", "model_dir", "unclip_version")
+    meta = {k: v for k, v in (sa.meta or sb.meta).items() if k in keep}
+    meta["stages"] = json.dumps(["slerp"])
     meta["slerp"] = json.dumps({"a": a, "b": b, "t": t})
     write_stage(StageFile("image", {"image_embed": slerp(ea, eb, t)}, meta), target)
 
@@ -265,67 +209,49 @@ def generate(
     decoder_steps: Annotated[Optional[int], typer.Option(help="Decoder steps.")] = None,
     decoder_guidance: Annotated[Optional[float], typer.Option(help="Decoder guidance scale.")] = None,
     upsampler_steps: Annotated[Optional[int], typer.Option(help="Steps of each upsampler.")] = None,
+    upsampler_256_steps: Annotated[Optional[int], typer.Option("--upsampler-256-steps", help="Steps of the 64->256 upsampler (over --upsampler-steps).")] = None,
+    upsampler_1024_steps: Annotated[Optional[int], typer.Option("--upsampler-1024-steps", help="Steps of the 256->1024 upsampler (over --upsampler-steps).")] = None,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Prompt -> image through every stage, with one random generator (as diffusers' UnCLIPPipeline)."""
-    from unclip_cli.io import stdout_target, tensor_to_images, write_images
-    from unclip_cli.stages.conditioning import TextCond
-    from unclip_cli.stages.decode import run_decoder
-    from unclip_cli.stages.priors import KINDS, prior_kind, sample_prior
-    from unclip_cli.stages.upsample import run_upsampler
+    """Prompt -> image through every stage, with one random generator (as diffusers' UnCLIPPipeline).
+
+    Each PNG records its prompts, seed and every stage's settings; `unclip info --command FILE`
+    prints the line that makes it again.
+    """
+    from unclip_cli.io import stdout_target, write_images
 
     if size not in (64, 256, 1024):
         raise UserError("--size must be 64, 256 or 1024")
-    for name, v in (("--prior-steps", prior_steps), ("--decoder-steps", decoder_steps), ("--upsampler-steps", upsampler_steps)):
+    for name, v in (("--prior-steps", prior_steps), ("--decoder-steps", decoder_steps), ("--upsampler-steps", upsampler_steps),
+                    ("--upsampler-256-steps", upsampler_256_steps), ("--upsampler-1024-steps", upsampler_1024_steps)):
         check_min(name, v, 2)
     if not prompts:
         raise UserError("no prompt given")
     target = stdout_target(output)
-    ms = open_model_set(model)
-    kind = prior_kind(ms, prior_kind_opt)
-    p_component = KINDS[kind]
-    needed = ["clip", p_component, "decoder"] + ["upsampler-256"] * (size >= 256) + ["upsampler-1024"] * (size == 1024)
-    for component in needed:
-        ms.require(component)
-    dev = resolve_device(device)
-    p_set, d_set = ms.sampling(p_component), ms.sampling("decoder")
-    pg = p_set["guidance"] if prior_guidance is None else prior_guidance
-    dg = d_set["guidance"] if decoder_guidance is None else decoder_guidance
-    clip = ms.load("clip", dev)
-    cond = TextCond(*clip.encode_text(list(prompts)))
-    null = TextCond(*clip.encode_text([""] * len(prompts)))  # batched as diffusers: the same last bits
-    gen, seed = make_generator(seed)
-    guided = pg > 1.0 or dg > 1.0  # diffusers guides both stages when either scale is > 1 (diffusion prior)
-    with progress(p_component, quiet) as cb:
-        embed, _ = sample_prior(ms, dev, kind, cond, null, gen, steps=prior_steps, guidance=pg, guided=guided, callback=cb)
-    with progress("decoder", quiet) as cb:
-        image = run_decoder(
-            ms.load("decoder", dev), embed, cond, null, steps=decoder_steps or d_set["steps"], guidance=dg,
-            generator=gen, guided=guided, callback=cb,
+    pipe = open_pipeline(model, device)
+    ups = {"upsampler-256": upsampler_256_steps or upsampler_steps, "upsampler-1024": upsampler_1024_steps or upsampler_steps}
+    with progress(quiet) as cb:
+        images = pipe.generate(
+            prompts, size=size, seed=seed, prior_kind=prior_kind_opt, prior_steps=prior_steps, prior_guidance=prior_guidance,
+            decoder_steps=decoder_steps, decoder_guidance=decoder_guidance, upsampler_steps=ups, callback=cb,
         )
-    for component in needed[3:]:
-        with progress(component, quiet) as cb:
-            image = run_upsampler(
-                ms.load(component, dev), image, steps=upsampler_steps or ms.sampling(component)["steps"],
-                generator=gen, callback=cb,
-            )
-    write_images(tensor_to_images(image), target)
+    report_seed(seed, _record(images), "seed")
+    write_images(images, target)
 
 
 @app.command("info")
 def info(
     path: Annotated[str, typer.Argument(help="A stage file, .npy, image, or model-set folder ('-': stdin).")],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Write the summary to a file.")] = None,
+    command: Annotated[bool, typer.Option("--command", help="Print one shell command line that makes FILE's pixels again.")] = False,
 ) -> None:
-    """Print a human-readable summary of a stage file, image or model set."""
-    from unclip_cli.info import describe
+    """Print a human-readable summary of a stage file, image or model set (--command: how to remake an image)."""
+    from unclip_cli.info import describe, remake_command
     from unclip_cli.io import emit
 
-    text = "\n".join(describe(path)) + "\n"
+    text = (remake_command(path) if command else "\n".join(describe(path))) + "\n"
     if output is None or output == "-":
         typer.echo(text, nl=False)
     else:
         emit(text.encode(), output)
-
-

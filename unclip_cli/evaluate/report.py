@@ -1,8 +1,10 @@
 """The evaluation run: shapes prompts -> 64 px images with the model set's default sampling -> judge -> figures.
 
 Prompts come from their own stream of the grammar (`unclip-eval/{seed}/{i}`, not the training
-stream), one- and two-object scenes alternating. All generation noise comes from one CPU generator
-seeded with the seed, batch after batch, as `unclip generate` draws it; so the figures are a
+stream), one- and two-object scenes alternating. Images come from `Pipeline.generate_tensor`, the
+code `unclip generate --size 64` runs, with the set's default settings; all noise comes from one
+CPU generator seeded with the seed, batch after batch, so the first batch is exactly what
+`unclip generate PROMPTS... --size 64 --seed SEED` makes of its prompts, and the figures are a
 function of the model set, the seed, the count and the batch size.
 
 The upsampler check feeds generated 64 px images to upsampler-256 and its outputs to
@@ -44,26 +46,6 @@ def eval_scenes(count: int, seed: int) -> list[Scene]:
             scene = sample_scene(rng)
         scenes.append(scene)
     return scenes
-
-
-@torch.no_grad()
-def generate(ms, prompts: list[str], generator: torch.Generator, device, prior_kind: str | None = None) -> torch.Tensor:
-    """Prompts -> decoder images (B, 3, S, S) in [-1, 1] with the set's default settings, as `unclip generate --size 64`."""
-    from unclip_cli.stages.conditioning import TextCond
-    from unclip_cli.stages.decode import run_decoder
-    from unclip_cli.stages.priors import KINDS, prior_kind as resolve_kind, sample_prior
-
-    kind = resolve_kind(ms, prior_kind)
-    p_set, d_set = ms.sampling(KINDS[kind]), ms.sampling("decoder")
-    clip = ms.load("clip", device)
-    cond = TextCond(*clip.encode_text(list(prompts)))
-    null = TextCond(*clip.encode_text([""]))
-    guided = p_set["guidance"] > 1.0 or d_set["guidance"] > 1.0  # as `generate`: both guided when either is
-    embed, _ = sample_prior(ms, device, kind, cond, null, generator, guided=guided)
-    return run_decoder(
-        ms.load("decoder", device), embed, cond, null, steps=d_set["steps"], guidance=d_set["guidance"],
-        generator=generator, guided=guided,
-    ).cpu()
 
 
 # ---------------------------------------------------------------------- figures
@@ -127,22 +109,19 @@ def _psnr_summary(values: list[float]) -> dict:
 
 
 @torch.no_grad()
-def check_upsamplers(ms, low: torch.Tensor, generator: torch.Generator, device, batch_size: int) -> dict:
+def check_upsamplers(pipe, low: torch.Tensor, generator: torch.Generator, batch_size: int) -> dict:
     """PSNR of each upsampler's outputs, downscaled, against its inputs: 64 -> 256 -> 1024 from `low` (B, 3, 64, 64)."""
-    from unclip_cli.stages.upsample import run_upsampler
-
     out: dict = {}
     x = low
     for component, chunk in (("upsampler-256", batch_size), ("upsampler-1024", max(1, batch_size // 8))):
-        if not ms.has(component):
+        if not pipe.models.has(component):
             out[component] = {"absent": True}
             break
-        net = ms.load(component, device)
-        steps = ms.sampling(component)["steps"]
+        steps = pipe.settings(component)["steps"]
         t0 = time.time()
         ups, values = [], []
         for part in x.split(chunk):
-            up = run_upsampler(net, part, steps=steps, generator=generator).cpu()
+            up = pipe.run_upsampler(part, generator, steps=steps)[0].cpu()
             values += psnr(downscale(up, part.shape[-1]), part).tolist()
             ups.append(up)
         out[component] = {**_psnr_summary(values), "input": x.shape[-1], "steps": steps, "seconds": round(time.time() - t0, 2)}
@@ -154,13 +133,12 @@ def check_upsamplers(ms, low: torch.Tensor, generator: torch.Generator, device, 
 
 
 def run_eval(
-    ms,
+    pipe,
     judge: Judge,
     *,
     count: int = 200,
     seed: int = 0,
     batch_size: int = 25,
-    device="cpu",
     upsample: int = 0,
     prior_kind: str | None = None,
     on_batch: Callable[[int, torch.Tensor, list[Verdict]], None] | None = None,
@@ -170,7 +148,7 @@ def run_eval(
     on_batch(start, images, verdicts) is called after each batch (progress, saving images).
     Returns a JSON-ready report: settings, figures, targets and passes, per-prompt verdicts, timings.
     """
-    from unclip_cli.stages.priors import KINDS, prior_kind as resolve_kind
+    from unclip_cli.pipeline import PRIOR_KINDS
 
     scenes = eval_scenes(count, seed)
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -180,7 +158,7 @@ def run_eval(
     for start in range(0, count, batch_size):
         prompts = [s.caption for s in scenes[start : start + batch_size]]
         t0 = time.time()
-        images = generate(ms, prompts, generator, device, prior_kind)
+        images, _ = pipe.generate_tensor(prompts, generator, size=SIZE, prior_kind=prior_kind)
         t1 = time.time()
         batch_verdicts = judge(images, prompts)
         t_gen, t_judge = t_gen + t1 - t0, t_judge + time.time() - t1
@@ -190,16 +168,16 @@ def run_eval(
         if on_batch:
             on_batch(start, images, batch_verdicts)
     figures = aggregate(verdicts)
-    kind = resolve_kind(ms, prior_kind)
+    kind = pipe.prior_kind(prior_kind)
     report = {
-        "model": ms.name,
-        "model_dir": str(ms.path),
+        "model": pipe.name,
+        "model_dir": str(pipe.models.path),
         "count": count,
         "seed": seed,
         "batch_size": batch_size,
         "size": SIZE,
         "prior_kind": kind,
-        "sampling": {"prior": {"kind": kind, **ms.sampling(KINDS[kind])}, "decoder": ms.sampling("decoder")},
+        "sampling": {"prior": {"kind": kind, **pipe.settings(PRIOR_KINDS[kind])}, "decoder": pipe.settings("decoder")},
         "figures": figures,
         "targets": TARGETS,
         "passed": passed(figures),
@@ -209,7 +187,7 @@ def run_eval(
     if upsample > 0:
         low = torch.cat(kept)[:upsample]
         low = low if low.shape[-1] == SIZE else downscale(low, SIZE)
-        report["upsamplers"] = check_upsamplers(ms, low, torch.Generator("cpu").manual_seed(seed), device, batch_size)
+        report["upsamplers"] = check_upsamplers(pipe, low, torch.Generator("cpu").manual_seed(seed), batch_size)
     return report
 
 
