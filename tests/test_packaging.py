@@ -20,7 +20,7 @@ def test_every_subpackage_is_listed():
 
 
 def test_default_model_set_lookup(tmp_path, monkeypatch):
-    from unclip_cli import modelset
+    from unclip_cli.modelset import folder as modelset
 
     root = tmp_path / "weights"
     (root / "a").mkdir(parents=True)

@@ -19,7 +19,7 @@ from safetensors.torch import load as load_st
 from safetensors.torch import load_file
 
 from conftest import png_size, write_png
-from unclip_cli.modelset import init_model_set
+from unclip_cli.modelset import ModelSet, init_model_set
 
 PYTHON = sys.executable
 
@@ -502,22 +502,43 @@ def test_train_device_script_trains_packs_and_judges_a_set(tmp_path):
         assert (tmp_path / "set" / comp / "train.jsonl").is_file(), comp
 
 
-def test_ship_default_dest_keeps_a_set_in_progress_without_touching_the_default(tmp_path, fresh_set):
-    """scripts/ship-default.py --dest copies weights, configs and manifest (no training state) to the folder,
-    leaves weights/DEFAULT alone, and refuses to replace a folder that is not a model set."""
+def test_model_export_ships_weights_configs_and_manifest_only(cli, tmp_path, fresh_set):
+    """`unclip model export` copies weights, configs and manifest (no training state, logs, caches), keeps the
+    destination set's model card and pictures, names it in DEFAULT only with --default, and refuses a folder that
+    is not a model set and a file over 16 MiB, leaving both untouched."""
     root = Path(__file__).resolve().parents[1]
     default = (root / "weights" / "DEFAULT").read_text()
     (fresh_set / "decoder" / "train-state.pt").write_bytes(b"state")
+    (fresh_set / "decoder" / "train.jsonl").write_text("{}\n")
     (fresh_set / "cache.safetensors").write_bytes(b"cache")
-    script = [PYTHON, str(root / "scripts" / "ship-default.py"), str(fresh_set), "--dest"]
-    run = subprocess.run(script + [str(tmp_path / "kept")], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stdout + run.stderr
-    kept = tmp_path / "kept"
+    kept = tmp_path / "weights" / "kept"
+    kept.parent.mkdir()
+    r = ok(cli("model", "export", fresh_set, "-o", kept))
+    assert f"MiB  {kept / 'decoder' / 'model.safetensors'}" in r.err and "in all" in r.err
     assert (kept / "model.json").is_file() and (kept / "decoder" / "model.safetensors").is_file()
-    assert not (kept / "decoder" / "train-state.pt").exists() and not (kept / "cache.safetensors").exists()
+    assert (kept / "clip" / "open_clip_model.safetensors").read_bytes() == (fresh_set / "clip" / "open_clip_model.safetensors").read_bytes()
+    assert not (kept / "decoder" / "train-state.pt").exists() and not (kept / "decoder" / "train.jsonl").exists()
+    assert not (kept / "cache.safetensors").exists() and not (kept.parent / "DEFAULT").exists()
     assert (root / "weights" / "DEFAULT").read_text() == default
+    assert ModelSet.open(str(kept)).load("decoder") is not None
+
+    (kept / "README.md").write_text("# the card")
+    (kept / "crop.png").write_bytes(b"png")
+    (kept / "stale.txt").write_text("from an older copy")
+    ok(cli("model", "export", fresh_set, "-o", kept, "--default"))
+    assert (kept / "README.md").read_text() == "# the card" and (kept / "crop.png").read_bytes() == b"png"
+    assert not (kept / "stale.txt").exists()
+    assert (kept.parent / "DEFAULT").read_text() == "kept\n"
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["DEFAULT", "kept"]  # nothing left aside
+
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    run = subprocess.run(script + [str(other)], capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0 and "not a model set" in run.stderr and (other / "notes.txt").read_text() == "mine"
+    assert_user_error(cli("model", "export", fresh_set, "-o", other), "not a model set")
+    assert [p.name for p in other.iterdir()] == ["notes.txt"] and (other / "notes.txt").read_text() == "mine"
+
+    (fresh_set / "decoder" / "model.safetensors").write_bytes(bytes(16 * 2**20 + 1))
+    assert_user_error(cli("model", "export", fresh_set, "-o", kept), "16 MiB")
+    assert ModelSet.open(str(kept)).load("decoder") is not None  # the previous copy stands
+    assert_user_error(cli("model", "export", tmp_path / "other", "-o", tmp_path / "new"), "not a model set")
+    assert not (tmp_path / "new").exists()

@@ -32,7 +32,12 @@ def model_init(
     """Write a randomly initialized model set from a preset (training starts from it; tests use it)."""
     from unclip_cli.modelset import init_model_set
 
-    init_model_set(Path(output), preset, seed=seed, name=name, clip=clip)
+    write_clip = None
+    if clip is not None:
+        from unclip_cli.convert.open_clip_dir import clip_writer
+
+        write_clip = clip_writer(clip)
+    init_model_set(Path(output), preset, seed=seed, name=name, write_clip=write_clip)
     typer.echo(f"wrote {preset} model set to {output}", err=True)
 
 
@@ -50,6 +55,28 @@ def model_add(
     path = resolve_model_dir(model)
     add_component(path, component, preset, seed=seed, replace=replace)
     typer.echo(f"added a {preset} {component} to {path}; train it with `unclip train {component}`", err=True)
+
+
+@model_app.command("export")
+def model_export(
+    source: Annotated[str, typer.Argument(help="The model set to copy (e.g. one in training).", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Folder to write: new, empty, or a model set to replace.")],
+    default: Annotated[bool, typer.Option("--default", help="Also name it the default set in its parent's DEFAULT file (as weights/DEFAULT).")] = False,
+) -> None:
+    """Copy a set's weights, configs and manifest only (no training state, logs or caches), as shipped.
+
+    A model set already at OUTPUT keeps its model card (README.md) and pictures (*.png); a folder that is not a model set is never replaced; a file over 16 MiB is refused.
+    """
+    from unclip_cli.modelset import export_model_set, name_default
+
+    dest = Path(output)
+    copied = export_model_set(Path(source), dest)
+    for path, size in copied:
+        typer.echo(f"{size / 2**20:7.2f} MiB  {path}", err=True)
+    typer.echo(f"{sum(size for _, size in copied) / 2**20:7.2f} MiB  in all", err=True)
+    if default:
+        name_default(dest)
+        typer.echo(f"{dest.parent / 'DEFAULT'}: {dest.name}", err=True)
 
 
 @model_app.command("import")

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from unclip_cli.convert.open_clip_dir import import_open_clip_dir, resolve_clip_source
 from unclip_cli.errors import UserError
 from unclip_cli.io import load_state_dict
 from unclip_cli.models.configs import DiffusionConfig, UpsamplerConfig
+from unclip_cli.modelset.components import save_component
+from unclip_cli.modelset.create import new_set_folder
+from unclip_cli.modelset.manifest import write_manifest
 
 # Folders each pipeline needs (the issue's layout; model_index.json names the pipeline).
 PIPELINES = {
@@ -217,8 +218,6 @@ def _convert_clip(snap: _Snapshot, out: Path, clip: str | None, report: Report):
             )
         return ClipEncoder.load(out / "clip"), _clip_name(model_cfg)
 
-    from unclip_cli.convert.open_clip_dir import import_open_clip_dir, resolve_clip_source
-
     source = resolve_clip_source(clip)
     report(f"copying the CLIP of {clip} -> clip/, checking it against text_encoder/" + (" + image_encoder/" if vision else ""))
     enc = import_open_clip_dir(source.folder, out / "clip")
@@ -331,20 +330,11 @@ def import_snapshot(
     instead of converting text_encoder/ (+ image_encoder/); its towers must equal the snapshot's.
     report: called with one progress line per component. Returns the written manifest.
     """
-    from unclip_cli.modelset import MANIFEST, save_component, write_manifest
-
     report = report or (lambda line: None)
     src, out = Path(src), Path(out)
     snap = _Snapshot(src)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: exists and is not empty")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{parent}: folder does not exist")
-    _check_tokenizer(snap)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
+    with new_set_folder(out) as tmp:
+        _check_tokenizer(snap)
         enc, clip_name = _convert_clip(snap, tmp, clip, report)
         components = ["clip"]
         if snap.has("prior"):
@@ -366,11 +356,5 @@ def import_snapshot(
         source = {"format": "diffusers", "pipeline": snap.pipeline, "snapshot": src.resolve().name}
         if "_diffusers_version" in snap.index:
             source["diffusers_version"] = snap.index["_diffusers_version"]
-        write_manifest(tmp, name or out.name, components, clip_name=clip_name, sampling=sampling, source=source)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return json.loads((out / MANIFEST).read_text())
+        manifest = write_manifest(tmp, name or out.name, components, clip_name=clip_name, sampling=sampling, source=source)
+    return manifest

@@ -12,14 +12,15 @@ stays the same and stage files made with the source remain valid.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from unclip_cli.errors import UserError
 from unclip_cli.io import save_weights
 from unclip_cli.models.clip import CONFIG_NAME, WEIGHTS_NAME, ClipEncoder
+from unclip_cli.modelset.manifest import clip_name, is_model_set, read_manifest
 
 LOCAL_DIR = "local-dir:"
 
@@ -35,17 +36,28 @@ def resolve_clip_source(spec: str) -> ClipSource:
     path = Path(spec[len(LOCAL_DIR):] if spec.startswith(LOCAL_DIR) else spec)
     if not path.is_dir():
         raise UserError(f"--clip {spec}: no such folder")
-    if (path / "model.json").is_file() and not (path / CONFIG_NAME).is_file():  # a model set: its clip/
+    if is_model_set(path) and not (path / CONFIG_NAME).is_file():  # a model set: its clip/
         path = path / "clip"
     if not (path / CONFIG_NAME).is_file():
         raise UserError(f"--clip {spec}: not an open_clip local-dir folder (no {CONFIG_NAME})")
-    manifest = path.parent / "model.json"
-    if path.name == "clip" and manifest.is_file():  # a model set's CLIP keeps its name (and so its identity)
+    if path.name == "clip" and is_model_set(path.parent):  # a model set's CLIP keeps its name (and so its identity)
         try:
-            return ClipSource(path, json.loads(manifest.read_text())["clip"]["identity"].split("@")[0])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            raise UserError(f"--clip {spec}: damaged model-set manifest {manifest}") from None
+            return ClipSource(path, clip_name(read_manifest(path.parent)))
+        except UserError as e:
+            raise UserError(f"--clip {spec}: {e}") from None
     return ClipSource(path, path.resolve().name)
+
+
+def clip_writer(spec: str) -> Callable[[Path], str]:
+    """--clip SPEC -> a function that writes that CLIP as an open_clip folder and returns its name
+    (what `modelset.init_model_set(write_clip=...)` takes)."""
+    source = resolve_clip_source(spec)
+
+    def write(out_dir: Path) -> str:
+        import_open_clip_dir(source.folder, out_dir)
+        return source.name
+
+    return write
 
 
 def _load(folder: Path, what: str) -> ClipEncoder:
