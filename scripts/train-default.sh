@@ -3,20 +3,15 @@
 #
 #   scripts/train-default.sh OUT_DIR [MINUTES_SCALE]
 #
-# Two lanes run side by side, one CPU thread each (the set was trained on a 2-core CPU):
+# Two lanes run side by side, one CPU thread each (sized for a 2-core CPU):
 #   lane A: clip -> embedding cache -> decoder
 #   lane B: upsampler-256 -> upsampler-1024 -> prior (once the cache exists) -> prior-ar
 #           -> more upsampler-256 -> more upsampler-1024
 # Every stage is time-boxed with `timeout -s TERM` (training stops after the current step and saves
-# its EMA weights and a resumable state); the model card records the steps each one reached, and
-# `unclip train ... --steps N` with those N reproduces the weights (same device and thread count).
-# Rerunning the script resumes every stage from its state.
-#
-# The small preset's decoder and upsamplers predict x0. The shipped set was begun with eps networks
-# (the preset before that change) and switched part-way with scripts/switch-to-x0.py; its model
-# card lists both phases. A run of this script trains x0 networks from the start. Its CLIP is the
-# preset's 64 px one, trained with hard negatives (the shipped set's is the 32 px tower it had before,
-# trained without: its embeddings barely hold the objects' shapes; see the model card).
+# its EMA weights and a resumable state); `unclip train ... --steps N` with the steps a run reached
+# reproduces its weights (same device and thread count). Rerunning the script resumes every stage
+# from its state. It trains the small preset: a 64 px CLIP with hard negatives, and a decoder and
+# upsamplers that predict x0. `unclip model export OUT_DIR -o DEST` then copies what ships.
 set -euo pipefail
 out=${1:?usage: train-default.sh OUT_DIR [MINUTES_SCALE]}
 scale=${2:-1}

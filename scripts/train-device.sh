@@ -23,18 +23,19 @@
 # `unclip eval --count EVAL_COUNT --seed 0 --upsamplers` writes OUT_DIR/eval.txt.
 #
 # On the device (its python3 holds torch, typer, rich, timm, regex; open_clip_torch, ftfy and wcwidth
-# travel as wheels: see the device tool's README for `pip download` into .whl/, carried), the command
-# that trained the shipped set's GPU round (2026-12-04, 488 s of the 590 s asked for; that set was
-# then in training/shapes-next, which is where it was copied from):
+# travel as wheels: see the device tool's README for `pip download` into .whl/, carried), to train on
+# a copy of the shipped set:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
 #   export PYTHONPATH=/tmp/site && cp -r weights/shapes-small /tmp/set &&
 #   OMP_NUM_THREADS=4 TRAIN_SECONDS=470 bash scripts/train-device.sh /tmp/set "$OUT"
 # The working tree that travels must stay under the device tool's 64 MiB (a second 32 MiB set in the
-# repository would pass it). Back here:
+# repository would pass it). Back here, unpack the tars and copy what ships with `unclip model export`:
 #   mkdir -p set && for f in FILES_AT/set-*.tar; do tar -xf "$f" -C set; done
+#   unclip model export set -o weights/shapes-small --default
 #
 # Batch sizes, learning rates, the eval size and a cap on each stage's steps are variables below
-# (override from the environment); tests/test_train.py runs it for a few steps on the CPU. A smoke run on the CPU: UNCLIP_DEVICE=cpu TRAIN_SECONDS=60 CLIP_BATCH=32 \
+# (override from the environment); tests/test_train.py runs it for a few steps on the CPU. A smoke
+# run on the CPU: UNCLIP_DEVICE=cpu TRAIN_SECONDS=60 CLIP_BATCH=32 \
 #   DECODER_BATCH=4 PRIOR_BATCH=32 UP_BATCH=1 EVAL_COUNT=4 scripts/train-device.sh /tmp/s /tmp/o
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
