@@ -27,9 +27,8 @@ from unclip_cli.diffusion.schedule import GaussianDiffusion
 from unclip_cli.evaluate.judge import Judge
 from unclip_cli.evaluate.report import aggregate, eval_scenes
 from unclip_cli.io import tensor_to_images
-from unclip_cli.modelset import ModelSet
+from unclip_cli.pipeline import Pipeline
 from unclip_cli.stages.conditioning import TextCond
-from unclip_cli.stages.decode import run_decoder
 
 
 def clip_embeds(clip, scenes, batch: int = 250) -> torch.Tensor:
@@ -63,7 +62,7 @@ def figures(verdicts) -> str:
 
 
 @torch.no_grad()
-def mean_errors(ms, clip, decoder, count: int = 16) -> None:
+def mean_errors(clip, decoder, count: int = 16) -> None:
     rng = random.Random(7)
     scenes = [sample_scene(rng) for _ in range(count)]
     x0 = render(scenes, decoder.cfg.unet.sample_size)
@@ -93,8 +92,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--probes-only", action="store_true", help="only the CLIP probes (a set whose decoder is not trained yet)")
     args = ap.parse_args()
-    ms = ModelSet.open(args.model)
-    clip = ms.load("clip")
+    pipe = Pipeline.load(args.model, device="cpu")
+    clip = pipe.net("clip")
 
     rng = random.Random(123)
     scenes = [sample_scene(rng) for _ in range(3000)]
@@ -112,20 +111,19 @@ def main() -> None:
           f" ({len(set(labels))} classes)")
     if args.probes_only:
         return
-    decoder, judge = ms.load("decoder"), Judge.load()
+    judge = Judge.load()
 
     scenes = eval_scenes(args.count, 0)
     prompts = [s.caption for s in scenes]
-    cond, null = TextCond(*clip.encode_text(prompts)), TextCond(*clip.encode_text([""]))
+    cond, null = pipe.text_cond(prompts), pipe.null(len(prompts))
     embeds = clip_embeds(clip, scenes)
     print(f"decoder on the true embeddings of {args.count} eval scenes ({args.steps} steps):")
     for guidance in (float(v) for v in args.guidance.split(",")):
-        out = run_decoder(decoder, embeds, cond, null, steps=args.steps, guidance=guidance,
-                          generator=torch.Generator().manual_seed(0))
+        out, _ = pipe.run_decoder(embeds, cond, null, torch.Generator().manual_seed(0), steps=args.steps, guidance=guidance)
         print(f"  guidance {guidance:g}: {figures(judge(out, prompts))}")
 
     print("spatial-mean errors on noised rendered scenes:")
-    mean_errors(ms, clip, decoder)
+    mean_errors(clip, pipe.net("decoder"))
 
 
 if __name__ == "__main__":

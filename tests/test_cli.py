@@ -60,7 +60,7 @@ def test_prior_output_carries_text_and_metadata(cli, tiny_set):
 
     meta = _safetensors_header(emb, "x")["__metadata__"]
     assert json.loads(meta["prompts"]) == ["a blue star", "a green ring"]
-    assert meta["seed"] == "3" and meta["kind"] == "image"
+    assert meta["prior_seed"] == "3" and meta["kind"] == "image" and json.loads(meta["stages"]) == ["encode-text", "prior"]
 
 
 def test_encode_text_reads_lines_from_stdin(cli, tiny_set):
