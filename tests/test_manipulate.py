@@ -14,10 +14,11 @@ from PIL import Image
 from safetensors.torch import load as load_st
 
 from conftest import png_size
-from unclip_cli.cli.common import null_text
+from unclip_cli.diffusion.inversion import as_eps_model, ddim_invert_exact, latent_timesteps
 from unclip_cli.modelset import ModelSet
+from unclip_cli.stages.conditioning import TextCond
 from unclip_cli.stages.interpolate import slerp
-from unclip_cli.stages.manipulate import best_of, decode_latent, invert, latent_timesteps, mix, text_diff
+from unclip_cli.stages.manipulate import best_of, decode_latent, invert, mix, text_diff
 from unclip_cli.stages.prior import pick_best, run_prior
 
 # The stated bound: DDIM inversion then eta-0 decoding of a 64px image, same steps and guidance.
@@ -35,6 +36,11 @@ def assert_user_error(run, mentions: str):
     assert lines and lines[-1].startswith("unclip: error:"), run.err
     assert "Traceback" not in run.err
     assert mentions in lines[-1], lines[-1]
+
+
+def empty_prompt(clip) -> TextCond:
+    """The empty prompt's conditioning, one row (guidance's unconditional branch)."""
+    return TextCond(*clip.encode_text([""]))
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -154,7 +160,6 @@ def test_latent_timesteps_skip_the_top_level():
 def test_x0_models_invert_through_their_eps_form():
     from unclip_cli.diffusion.schedule import GaussianDiffusion
     from unclip_cli.models.configs import DiffusionConfig
-    from unclip_cli.stages.manipulate import as_eps_model, ddim_invert_exact
 
     x0_chain = GaussianDiffusion.from_config(DiffusionConfig(prediction="x0"))
     g = torch.Generator().manual_seed(0)
@@ -188,7 +193,7 @@ def test_ddim_inversion_then_eta0_decoding_reconstructs(trained_set, image_a):
     img = Image.open(image_a).convert("RGB")
     x = images_to_tensor([img])
     z = clip.encode_image([img])
-    null = null_text(ms, "cpu")
+    null = empty_prompt(clip)
     for guidance in (1.0, 3.0):
         x_T, residuals = invert(dec, x, z, null, null, steps=8, guidance=guidance, refine=3)
         assert x_T.shape == (1, 3, 64, 64) and 0.5 < float(x_T.std()) < 1.5  # noise-like
@@ -300,10 +305,8 @@ def _best_of_prior(prior, cond, null, *, candidates, seed):
 def test_candidates_2_picks_the_higher_scoring_sample(tiny_set):
     ms = ModelSet.open(str(tiny_set))
     prior, clip = ms.load("prior"), ms.load("clip")
-    from unclip_cli.stages.conditioning import TextCond
-
     cond = TextCond(*clip.encode_text(["a red star", "a blue ring"]))
-    null = null_text(ms, "cpu")
+    null = empty_prompt(clip)
     best = _best_of_prior(prior, cond, null, candidates=2, seed=5)
     # the same draws, by hand: the K * B samples in one batch, rows grouped by prompt
     both = run_prior(prior, cond.repeat_interleave(2), null, steps=4, guidance=2.0, generator=torch.Generator().manual_seed(5))

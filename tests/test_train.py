@@ -301,29 +301,28 @@ def test_inference_commands_never_import_the_training_code():
 # ---------------------------------------------------------------------- maths
 
 
-def test_training_chain_matches_the_sampler():
+def test_training_maths_matches_the_sampler():
     from unclip_cli.diffusion.schedule import GaussianDiffusion
     from unclip_cli.models.configs import DiffusionConfig
-    from unclip_cli.train.losses import TrainingChain
 
     d = GaussianDiffusion.from_config(DiffusionConfig(variance="learned_range"))
-    chain = TrainingChain(d)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(5, 3, 4, 4, generator=g) * 2 - 1, torch.randn(5, 3, 4, 4, generator=g)
     t = torch.tensor([1, 10, 300, 700, 999])
-    x_t = chain.q_sample(x0, t, noise)
-    torch.testing.assert_close(x_t, d.q_sample(x0, t, noise))
-    mean, _ = chain.q_posterior(x0, x_t, t)
+    x_t = d.q_sample(x0, t, noise)
+    mean, _ = d.q_posterior(x0, x_t, t)
     v = torch.rand(5, 3, 4, 4, generator=g) * 2 - 1
-    log_var = chain.learned_log_variance(v, t)
+    log_var = d.learned_log_variance(v, t)
     for i, ti in enumerate(t.tolist()):  # the variance trained is the one sampled with, step t -> t - 1
+        abar = d.alpha_bar(ti)
+        torch.testing.assert_close(x_t[i], abar.sqrt() * x0[i] + (1 - abar).sqrt() * noise[i])
         torch.testing.assert_close(mean[i], d.q_posterior_mean(x0[i], x_t[i], ti, ti - 1), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(log_var[i], d.p_log_variance(ti, ti - 1, v[i]), rtol=1e-4, atol=1e-4)
         if ti > 300:
             continue  # x0 from eps divides by sqrt(alpha_bar) ~ 1e-5 near T: float32 noise
         eps = d.predict_eps_from_x0(x_t[i], ti, x0[i])
-        torch.testing.assert_close(chain.predict_x0_from_eps(x_t[i : i + 1], t[i : i + 1], eps[None])[0], x0[i], rtol=1e-3, atol=1e-3)
-    assert torch.isfinite(chain.learned_log_variance(torch.zeros(1), torch.tensor([0]))).all()
+        torch.testing.assert_close(d.predict_x0_from_eps(x_t[i : i + 1], t[i : i + 1], eps[None])[0], x0[i], rtol=1e-3, atol=1e-3)
+    assert torch.isfinite(d.learned_log_variance(torch.zeros(1), torch.tensor([0]))).all()
 
 
 def test_likelihood_terms():
@@ -343,15 +342,15 @@ def test_likelihood_terms():
 def test_hybrid_loss_trains_the_variance_only_through_the_vlb():
     from unclip_cli.diffusion.schedule import GaussianDiffusion
     from unclip_cli.models.configs import DiffusionConfig
-    from unclip_cli.train.losses import TrainingChain, diffusion_loss
+    from unclip_cli.train.losses import diffusion_loss
 
-    chain = TrainingChain(GaussianDiffusion.from_config(DiffusionConfig(variance="learned_range")))
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(variance="learned_range"))
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
     t = torch.tensor([0, 5, 500, 999])
-    x_t = chain.q_sample(x0, t, noise)
+    x_t = diffusion.q_sample(x0, t, noise)
     out = torch.randn(4, 6, 8, 8, generator=g).requires_grad_()
-    loss, parts = diffusion_loss(chain, out, x0, x_t, t, noise)
+    loss, parts = diffusion_loss(diffusion, out, x0, x_t, t, noise)
     assert set(parts) == {"mse", "vb"} and torch.isfinite(loss)
     loss.backward()
     grad_eps = out.grad[:, :3]

@@ -1,8 +1,9 @@
-"""Sampling loops over a `GaussianDiffusion`: ancestral (Karlo / diffusers UnCLIPPipeline), DDIM, DDIM inversion.
+"""Sampling loops over a `GaussianDiffusion`: ancestral (Karlo / diffusers UnCLIPPipeline) and DDIM.
 
 One signature for all, after crowsonkb/k-diffusion `sampling.py`: a model function, the starting
 tensor, the chain, the respaced timesteps (descending), and an optional `callback(i, n)` called
-after each step. No progress bars, no I/O. All randomness goes through `draw_noise`.
+after each step. No progress bars, no I/O. All randomness goes through `draw_noise`. DDIM
+inversion (the way back from x_0 to x_T) is in `inversion.py`.
 """
 
 from __future__ import annotations
@@ -83,30 +84,6 @@ def sample_ddim(
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         noise = draw_noise(x.shape, generator, x.device, x.dtype) if eta > 0 and t_prev >= 0 else None
         x, _ = diffusion.ddim_step(model_output, x, t, t_prev, eta, noise)
-        if callback is not None:
-            callback(i, len(ts))
-    return x
-
-
-def ddim_invert(
-    model_fn: ModelFn,
-    x0: torch.Tensor,
-    diffusion: GaussianDiffusion,
-    timesteps: list[int],
-    *,
-    callback: Callback | None = None,
-) -> torch.Tensor:
-    """DDIM inversion x_0 -> x_T along the sampling timesteps, walked upwards (Song et al. 2020, sec. 4.3).
-
-    It takes as many model calls as `sample_ddim` over the same timesteps and undoes its steps one
-    by one: the first call sees the clean sample at t = 0 (-1 -> 0), the last step ends at timesteps[0].
-    """
-    ts = _check_timesteps(timesteps, diffusion)
-    levels = [-1] + ts[::-1]  # -1 (clean), then ascending
-    x = x0
-    for i, (t, t_next) in enumerate(zip(levels, levels[1:])):
-        model_output = model_fn(x, max(t, 0))
-        x = diffusion.ddim_reverse_step(model_output, x, t, t_next)
         if callback is not None:
             callback(i, len(ts))
     return x

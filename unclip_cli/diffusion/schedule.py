@@ -1,9 +1,17 @@
-"""Gaussian diffusion maths: the cosine schedule, respacing, q(x_t | x_0) and the reverse steps.
+"""Gaussian diffusion maths: the cosine schedule, respacing, the forward process and the reverse steps.
 
 A plain object built from betas, after openai/glide-text2im `gaussian_diffusion.py`, with the
-papers' names. The ancestral step reproduces diffusers' `UnCLIPScheduler.step` (Karlo's sampler)
-bit for bit: the same float32 operations on 0-d tensors, in the same order. Timesteps are integers
-of the training chain; `-1` stands for "the clean sample" (alpha_bar = 1) after the last step.
+papers' names; the one object that both training and sampling use. Two kinds of timestep:
+
+- sampling (`step`, `ddim_step`, ...) takes integer timesteps of a respaced chain, t -> t_prev. The
+  ancestral step reproduces diffusers' `UnCLIPScheduler.step` (Karlo's sampler) bit for bit: the
+  same float32 operations on 0-d tensors, in the same order. `-1` stands for "the clean sample"
+  (alpha_bar = 1) after the last step.
+- training (`q_sample`, `q_posterior`, `predict_x0_from_eps`, `learned_log_variance`) takes a
+  per-sample t (B,) long on the unskipped chain t -> t - 1, read from tables computed in float64
+  and stored as float32 (improved DDPM's numbers). The losses themselves live in `train/losses.py`.
+
+Samplers are in `samplers.py`, DDIM inversion in `inversion.py`, classifier-free guidance in `guidance.py`.
 """
 
 from __future__ import annotations
@@ -39,6 +47,12 @@ def respaced_timesteps(num_steps: int, num_timesteps: int = 1000) -> list[int]:
     return [round(i * ratio) for i in range(num_steps)][::-1]  # python round() is half-to-even, like numpy
 
 
+def _gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (T,) table at t (B,), shaped (B, 1, ...) to broadcast against `like`, in its dtype and device."""
+    out = table.to(like.device)[t.to(like.device).long()]  # (B,)
+    return out.reshape((-1,) + (1,) * (like.ndim - 1)).to(like.dtype)
+
+
 class GaussianDiffusion:
     """The diffusion chain of one model: schedule tensors plus the q / p maths of Ho et al. 2020."""
 
@@ -55,6 +69,20 @@ class GaussianDiffusion:
         self.alphas = 1.0 - self.betas  # (T,)
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) alpha_bar_t
         self._one = torch.tensor(1.0)  # alpha_bar of the clean sample (t = -1)
+        # tables of the unskipped chain t -> t - 1 for batched t (training): float64 maths, stored as float32
+        betas64 = self.betas.double()
+        abar = torch.cumprod(1 - betas64, dim=0)  # (T,)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])  # (T,) alpha_bar_{t-1}
+        posterior_variance = betas64 * (1 - abar_prev) / (1 - abar)  # (T,); 0 at t = 0
+        self.sqrt_alphas_cumprod = abar.sqrt().float()
+        self.sqrt_one_minus_alphas_cumprod = (1 - abar).sqrt().float()
+        self.sqrt_recip_alphas_cumprod = (1 / abar).sqrt().float()
+        self.sqrt_recipm1_alphas_cumprod = (1 / abar - 1).sqrt().float()
+        self.posterior_mean_coef1 = (betas64 * abar_prev.sqrt() / (1 - abar)).float()  # multiplies x_0
+        self.posterior_mean_coef2 = ((1 - abar_prev) * (1 - betas64).sqrt() / (1 - abar)).float()  # multiplies x_t
+        # the posterior variance is 0 at t = 0: its value at t = 1 stands there (improved DDPM's "clipped")
+        self.posterior_log_variance_clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log().float()
+        self.log_betas = betas64.log().float()
 
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> "GaussianDiffusion":
@@ -85,19 +113,25 @@ class GaussianDiffusion:
         beta, _ = self.step_beta(t, t_prev)
         return (1 - self.alpha_bar(t_prev)) / (1 - self.alpha_bar(t)) * beta
 
-    def posterior_log_variance_clipped(self, t: int, t_prev: int) -> torch.Tensor:
-        """log of the posterior variance, clamped at 1e-20 (the "fixed_small_log" variance of Karlo)."""
-        return torch.log(torch.clamp(self.posterior_variance(t, t_prev), min=1e-20))
-
-    # ---- forward process --------------------------------------------------------------------
+    # ---- forward process and the unskipped posterior, per-sample t (B,) (training) ---------------
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Ho et al. 2020, eq. 4)."""
-        abar = self.alphas_cumprod.to(x0.device)[t.to(x0.device).long()]  # (B,)
-        shape = (-1,) + (1,) * (x0.ndim - 1)  # broadcast over trailing dims, e.g. (B, 1, 1, 1)
-        sqrt_abar = (abar**0.5).reshape(shape).to(x0.dtype)
-        sqrt_one_minus_abar = ((1 - abar) ** 0.5).reshape(shape).to(x0.dtype)
-        return sqrt_abar * x0 + sqrt_one_minus_abar * noise
+        """x_t ~ q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4)."""
+        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0 + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7)."""
+        mean = _gather(self.posterior_mean_coef1, t, x0) * x0 + _gather(self.posterior_mean_coef2, t, x0) * x_t
+        return mean, _gather(self.posterior_log_variance_clipped, t, x0)
+
+    def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 = sqrt(1 / abar_t) x_t - sqrt(1 / abar_t - 1) eps, unclamped (Ho et al. 2020, eq. 15)."""
+        return _gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+
+    def learned_log_variance(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """frac * log beta_t + (1 - frac) * clipped log posterior variance, frac = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15)."""
+        frac = (v + 1) / 2
+        return frac * _gather(self.log_betas, t, v) + (1 - frac) * _gather(self.posterior_log_variance_clipped, t, v)
 
     # ---- reverse process --------------------------------------------------------------------
 
@@ -143,8 +177,8 @@ class GaussianDiffusion:
 
     def p_log_variance(self, t: int, t_prev: int, v: torch.Tensor | None = None) -> torch.Tensor:
         """log-variance of p(x_{t_prev} | x_t): clipped posterior or learned mix (Nichol & Dhariwal 2021, eq. 15)."""
-        if self.config.variance == "fixed_small_log":
-            return self.posterior_log_variance_clipped(t, t_prev)
+        if self.config.variance == "fixed_small_log":  # the posterior variance clamped at 1e-20 (Karlo)
+            return torch.log(torch.clamp(self.posterior_variance(t, t_prev), min=1e-20))
         if v is None:
             raise ValueError("learned_range variance needs the model's variance channels")
         beta, _ = self.step_beta(t, t_prev)
@@ -202,22 +236,3 @@ class GaussianDiffusion:
                 raise ValueError(f"DDIM with eta={eta} needs noise for the step from t={t}")
             x_prev = x_prev + sigma * noise
         return x_prev, x0
-
-    def ddim_reverse_step(
-        self, model_output: torch.Tensor, x_t: torch.Tensor, t: int, t_next: int
-    ) -> torch.Tensor:
-        """Deterministic DDIM inversion step x_t -> x_{t_next}, t_next > t (Song et al. 2020, eq. 12, run forwards).
-
-        t = -1 means x_t is the clean sample: the model output is then read as if x_t sat at t = 0, and
-        the step undoes the last sampling step 0 -> -1 (exactly, when the model's output there is the same).
-        """
-        t, t_next = int(t), int(t_next)
-        if not -1 <= t < t_next < self.num_timesteps:
-            raise ValueError(f"ddim_reverse_step needs -1 <= t < t_next < {self.num_timesteps}, got {t} -> {t_next}")
-        t_model = max(t, 0)
-        x0 = self.predict_x0(x_t, t_model, model_output)
-        eps = self.predict_eps_from_x0(x_t, t_model, x0)
-        if t < 0:
-            x0 = x_t  # the clean sample is known exactly
-        abar_next = self.alpha_bar(t_next)
-        return abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * eps

@@ -32,7 +32,7 @@ from torch import nn
 from unclip_cli.diffusion.schedule import GaussianDiffusion
 from unclip_cli.errors import UserError
 from unclip_cli.train.degrade import JITTER_OFFSET, bsr_degrade, color_jitter, gaussian_blur
-from unclip_cli.train.losses import TrainingChain, diffusion_loss
+from unclip_cli.train.losses import diffusion_loss
 
 PRIOR_TEXT_DROP = 0.1  # classifier-free guidance dropout rates (paper, sec. 2.1-2.2)
 DECODER_IMAGE_DROP = 0.1
@@ -55,6 +55,13 @@ def _randn(shape, g: torch.Generator, device) -> torch.Tensor:
 
 def _randint(high: int, n: int, g: torch.Generator, device) -> torch.Tensor:
     return torch.randint(high, (n,), generator=g).to(device)
+
+
+def _noised(diffusion: GaussianDiffusion, x0: torch.Tensor, high: int, g: torch.Generator):
+    """(t, noise, x_t): t (B,) uniform in [0, high), noise N(0, I), x_t ~ q(x_t | x_0), drawn in that order."""
+    t = _randint(high, x0.shape[0], g, x0.device)
+    noise = _randn(x0.shape, g, x0.device)
+    return t, noise, diffusion.q_sample(x0, t, noise)
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -89,8 +96,10 @@ class Task:
         """After each optimizer step (e.g. clamping a parameter)."""
 
     def save(self, ema: nn.Module, log: Callable[[str], None]) -> None:
-        """Write the EMA network back into the model set."""
-        raise NotImplementedError
+        """Write the EMA network back into the model set, as this component."""
+        from unclip_cli.modelset import save_component
+
+        save_component(self.ms.path, self.component, self.module.cfg, ema)
 
 
 # ---------------------------------------------------------------------- conditioning from CLIP
@@ -140,12 +149,14 @@ def _cache_rows(cache, batch_size: int, g: torch.Generator) -> dict[str, torch.T
 
 
 class PriorNet(nn.Module):
+    """Either prior as it is: (x_t, t, text...) for the diffusion prior, (codes, sim, text...) for the AR one."""
+
     def __init__(self, prior: nn.Module):
         super().__init__()
         self.prior = prior
 
-    def forward(self, x_t, t, text_embed, text_hidden, text_mask):
-        return self.prior(x_t, t, text_embed, text_hidden, text_mask)
+    def forward(self, *args):
+        return self.prior(*args)
 
 
 class PriorTask(Task):
@@ -155,7 +166,7 @@ class PriorTask(Task):
         super().__init__(amp)
         self.ms, self.module, self.cond, self.source, self.cache = ms, prior, cond, source, cache
         self.net = PriorNet(prior)
-        self.chain = TrainingChain(GaussianDiffusion.from_config(prior.cfg.diffusion))
+        self.diffusion = GaussianDiffusion.from_config(prior.cfg.diffusion)
 
     def fetch(self, batch_size, g):
         if self.cache is not None:
@@ -167,9 +178,8 @@ class PriorTask(Task):
     def _embeddings(self, data: Batch) -> list[torch.Tensor]:
         dev = self.cond.device
         if "image_embed" in data:
-            return [data[k].to(dev) for k in ("image_embed", "text_embed", "text_hidden")] + [
-                data["text_mask"].to(dev).bool()
-            ]
+            embeds = [data[k].to(dev) for k in ("image_embed", "text_embed", "text_hidden")]
+            return embeds + [data["text_mask"].to(dev).bool()]
         return [self.cond.image_embed(data["images"]), *self.cond.text(data["captions"])]
 
     def statistics_embeddings(self, text: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -207,29 +217,13 @@ class PriorTask(Task):
         B, dev = image_embed.shape[0], image_embed.device
         text = self.cond.drop_text(text, _bernoulli(PRIOR_TEXT_DROP, B, g, dev))
         x0 = self.module.normalize(image_embed)  # (B, D)
-        t = _randint(self.chain.num_timesteps, B, g, dev)
-        noise = _randn(x0.shape, g, dev)
-        x_t = self.chain.q_sample(x0, t, noise)
+        t, noise, x_t = _noised(self.diffusion, x0, self.diffusion.num_timesteps, g)
         with self.amp():
             out = net(x_t, t, *text)
-        return diffusion_loss(self.chain, out, x0, x_t, t, noise)
-
-    def save(self, ema, log):
-        from unclip_cli.modelset import save_component
-
-        save_component(self.ms.path, self.component, self.module.cfg, ema)
+        return diffusion_loss(self.diffusion, out, x0, x_t, t, noise)
 
 
 # ---------------------------------------------------------------------- autoregressive prior
-
-
-class ARPriorNet(nn.Module):
-    def __init__(self, prior: nn.Module):
-        super().__init__()
-        self.prior = prior
-
-    def forward(self, codes, sim, text_embed, text_hidden, text_mask):
-        return self.prior(codes, sim, text_embed, text_hidden, text_mask)
 
 
 class ARPriorTask(PriorTask):
@@ -243,7 +237,7 @@ class ARPriorTask(PriorTask):
     def __init__(self, ms, prior, cond: ClipConditioning, source, cache, amp=nullcontext):
         Task.__init__(self, amp)  # the data side is the diffusion prior's; no diffusion chain
         self.ms, self.module, self.cond, self.source, self.cache = ms, prior, cond, source, cache
-        self.net = ARPriorNet(prior)
+        self.net = PriorNet(prior)
 
     def setup(self, log):
         p = self.module
@@ -294,7 +288,7 @@ class DecoderTask(Task):
         super().__init__(amp)
         self.ms, self.module, self.cond, self.source, self.cache = ms, decoder, cond, source, cache
         self.net = DecoderNet(decoder)
-        self.chain = TrainingChain(GaussianDiffusion.from_config(decoder.cfg.diffusion))
+        self.diffusion = GaussianDiffusion.from_config(decoder.cfg.diffusion)
         self.size = decoder.cfg.unet.sample_size
 
     def fetch(self, batch_size, g):
@@ -321,17 +315,10 @@ class DecoderTask(Task):
         B = x0.shape[0]
         drop_image = _bernoulli(DECODER_IMAGE_DROP, B, g, dev)
         text = self.cond.drop_text(text, _bernoulli(DECODER_TEXT_DROP, B, g, dev))
-        t = _randint(self.chain.num_timesteps, B, g, dev)
-        noise = _randn(x0.shape, g, dev)
-        x_t = self.chain.q_sample(x0, t, noise)
+        t, noise, x_t = _noised(self.diffusion, x0, self.diffusion.num_timesteps, g)
         with self.amp():
             out = net(x_t, t, image_embed, drop_image, *text)
-        return diffusion_loss(self.chain, out, x0, x_t, t, noise)
-
-    def save(self, ema, log):
-        from unclip_cli.modelset import save_component
-
-        save_component(self.ms.path, self.component, self.module.cfg, ema)
+        return diffusion_loss(self.diffusion, out, x0, x_t, t, noise)
 
 
 # ---------------------------------------------------------------------- upsamplers
@@ -358,7 +345,7 @@ class UpsamplerTask(Task):
         self.jitter = JITTER_OFFSET if jitter is None else jitter  # largest per-channel color offset of a crop
         self.net = UpsamplerNet(upsampler)
         cfg = upsampler.cfg
-        self.chain = TrainingChain(GaussianDiffusion.from_config(cfg.diffusion))
+        self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         self.size = cfg.size
         self.crop = cfg.size // 4 if crop is None else crop  # default: a quarter of the target size (paper, appendix C)
         self.factor = cfg.size // cfg.low_res
@@ -386,31 +373,21 @@ class UpsamplerTask(Task):
     def loss(self, net, data, g):
         x0 = data["x0"].to(self._device()).float()
         low_up = data["low_up"].to(x0.device).float()
-        B, dev = x0.shape[0], x0.device
-        t = _randint(self.chain.num_timesteps, B, g, dev)
-        noise = _randn(x0.shape, g, dev)
-        x_t = self.chain.q_sample(x0, t, noise)
+        t, noise, x_t = _noised(self.diffusion, x0, self.diffusion.num_timesteps, g)
         has_last = self.module.last is not None
         if has_last:
-            t_last = _randint(LAST_NETWORK_MAX_T, B, g, dev)
-            noise_last = _randn(x0.shape, g, dev)
-            x_last = self.chain.q_sample(x0, t_last, noise_last)
+            t_last, noise_last, x_last = _noised(self.diffusion, x0, LAST_NETWORK_MAX_T, g)
         with self.amp():
             out, out_last = net(x_t, t, low_up, *((x_last, t_last) if has_last else ()))
-        loss, parts = diffusion_loss(self.chain, out, x0, x_t, t, noise)
+        loss, parts = diffusion_loss(self.diffusion, out, x0, x_t, t, noise)
         if has_last:
-            loss_last, _ = diffusion_loss(self.chain, out_last, x0, x_last, t_last, noise_last)
+            loss_last, _ = diffusion_loss(self.diffusion, out_last, x0, x_last, t_last, noise_last)
             loss = loss + loss_last
             parts["mse_last"] = loss_last.detach()
         return loss, parts
 
     def _device(self):
         return next(self.module.parameters()).device
-
-    def save(self, ema, log):
-        from unclip_cli.modelset import save_component
-
-        save_component(self.ms.path, self.component, self.module.cfg, ema)
 
 
 # ---------------------------------------------------------------------- CLIP

@@ -7,9 +7,11 @@ and `losses.py` (Nichol & Dhariwal 2021).
   L_simple + lambda * L_vlb, lambda = 0.001 (Nichol & Dhariwal 2021, sec. 3.1), where the L_vlb
   term sees the predicted mean through a stop-gradient, so it trains only the variance channels.
 
-All maths runs in float32 on the training chain (every step unskipped: t -> t - 1). Tensors are
-(B, C, ...) with t (B,) long. The log-variance is the one `GaussianDiffusion.p_log_variance` uses
-at sampling, with the posterior variance clipped at t = 0 as improved DDPM does (it is 0 there).
+Only the losses live here: the forward process, the posterior and the learned log-variance for a
+per-sample t (B,) are `GaussianDiffusion`'s (diffusion/schedule.py), the object sampling uses too.
+All maths runs in float32 on the unskipped chain (t -> t - 1); tensors are (B, C, ...) with t (B,)
+long. The log-variance is the one `GaussianDiffusion.p_log_variance` uses at sampling, with the
+posterior variance clipped at t = 0 as improved DDPM does (it is 0 there).
 """
 
 from __future__ import annotations
@@ -23,53 +25,9 @@ from unclip_cli.diffusion.schedule import GaussianDiffusion
 VLB_WEIGHT = 0.001  # lambda of the hybrid loss (Nichol & Dhariwal 2021, sec. 3.1)
 
 
-def _per_sample(t_values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Gather a (T,) schedule table at t (B,) and shape it (B, 1, ...) to broadcast against `like`."""
-    out = t_values.to(like.device)[t.to(like.device).long()]  # (B,)
-    return out.reshape((-1,) + (1,) * (like.ndim - 1)).to(like.dtype)
-
-
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dimension but the batch: (B, ...) -> (B,)."""
     return x.mean(dim=tuple(range(1, x.ndim)))
-
-
-class TrainingChain:
-    """Per-timestep tables of the unskipped chain that the training losses need (float64 maths, float32 out)."""
-
-    def __init__(self, diffusion: GaussianDiffusion):
-        self.diffusion = diffusion
-        self.num_timesteps = diffusion.num_timesteps
-        betas = diffusion.betas.double()  # (T,)
-        abar = torch.cumprod(1 - betas, dim=0)  # (T,)
-        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])  # (T,) alpha_bar_{t-1}
-        posterior_variance = betas * (1 - abar_prev) / (1 - abar)  # (T,); 0 at t = 0
-        self.sqrt_abar = abar.sqrt().float()
-        self.sqrt_one_minus_abar = (1 - abar).sqrt().float()
-        self.sqrt_recip_abar = (1 / abar).sqrt().float()
-        self.sqrt_recipm1_abar = (1 / abar - 1).sqrt().float()
-        # the posterior variance is 0 at t = 0: use its value at t = 1 there (improved DDPM's "clipped")
-        self.posterior_log_variance_clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log().float()
-        self.log_betas = betas.log().float()
-        self.posterior_mean_coef_x0 = (betas * abar_prev.sqrt() / (1 - abar)).float()
-        self.posterior_mean_coef_xt = ((1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)).float()
-
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x_t ~ q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4)."""
-        return _per_sample(self.sqrt_abar, t, x0) * x0 + _per_sample(self.sqrt_one_minus_abar, t, x0) * noise
-
-    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7)."""
-        mean = _per_sample(self.posterior_mean_coef_x0, t, x0) * x0 + _per_sample(self.posterior_mean_coef_xt, t, x0) * x_t
-        return mean, _per_sample(self.posterior_log_variance_clipped, t, x0)
-
-    def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return _per_sample(self.sqrt_recip_abar, t, x_t) * x_t - _per_sample(self.sqrt_recipm1_abar, t, x_t) * eps
-
-    def learned_log_variance(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """frac * log beta_t + (1 - frac) * log posterior variance, frac = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15)."""
-        frac = (v + 1) / 2
-        return frac * _per_sample(self.log_betas, t, v) + (1 - frac) * _per_sample(self.posterior_log_variance_clipped, t, v)
 
 
 # ---------------------------------------------------------------------- likelihood terms
@@ -102,15 +60,15 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
 
 
 def vb_terms_bpd(
-    chain: TrainingChain, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, v: torch.Tensor
+    diffusion: GaussianDiffusion, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, v: torch.Tensor
 ) -> torch.Tensor:
     """The term L_t of the variational bound, in bits per dimension, (B,): KL(q || p) for t > 0, the
     discretized decoder NLL for t = 0 (Ho et al. 2020, eq. 5; improved DDPM `_vb_terms_bpd`).
     p's mean comes from eps (unclamped x0), its log-variance from v."""
-    true_mean, true_log_var = chain.q_posterior(x0, x_t, t)
-    pred_x0 = chain.predict_x0_from_eps(x_t, t, eps)
-    model_mean, _ = chain.q_posterior(pred_x0, x_t, t)
-    model_log_var = chain.learned_log_variance(v, t)
+    true_mean, true_log_var = diffusion.q_posterior(x0, x_t, t)
+    pred_x0 = diffusion.predict_x0_from_eps(x_t, t, eps)
+    model_mean, _ = diffusion.q_posterior(pred_x0, x_t, t)
+    model_log_var = diffusion.learned_log_variance(v, t)
     kl = mean_flat(normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2.0)
     nll = -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)) / math.log(2.0)
     return torch.where(t.to(kl.device) == 0, nll, kl)
@@ -120,7 +78,7 @@ def vb_terms_bpd(
 
 
 def diffusion_loss(
-    chain: TrainingChain,
+    diffusion: GaussianDiffusion,
     output: torch.Tensor,
     x0: torch.Tensor,
     x_t: torch.Tensor,
@@ -134,15 +92,15 @@ def diffusion_loss(
     variance vlb_weight * T * L_t (L_t in bits/dim, the uniform-t estimate of lambda * L_vlb), computed
     on the stop-gradient eps so that it trains the variance only (Nichol & Dhariwal 2021, sec. 3.1).
     """
-    config = chain.diffusion.config
+    config = diffusion.config
     output = output.float()
-    mean_output, v = chain.diffusion.split_output(output, x_t)
+    mean_output, v = diffusion.split_output(output, x_t)
     target = x0 if config.prediction == "x0" else noise
     mse = mean_flat((mean_output - target.float()) ** 2).mean()
     if v is None:
         return mse, {"mse": mse.detach()}
     if config.prediction != "eps":
         raise ValueError("the learned_range variance is only trained with eps prediction")
-    vb = vb_terms_bpd(chain, x0.float(), x_t.float(), t, mean_output.detach(), v).mean()
-    vb_scaled = vb * (vlb_weight * chain.num_timesteps)
+    vb = vb_terms_bpd(diffusion, x0.float(), x_t.float(), t, mean_output.detach(), v).mean()
+    vb_scaled = vb * (vlb_weight * diffusion.num_timesteps)
     return mse + vb_scaled, {"mse": mse.detach(), "vb": vb.detach()}
