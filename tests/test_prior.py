@@ -73,6 +73,38 @@ def test_conditioning_changes_output(tiny_prior):
         assert (out - base).abs().max() > 1e-4, name
 
 
+def test_run_prior_follows_the_one_guidance_rule(tiny_prior):
+    """The [uncond; cond] batch runs exactly when the scale is not 1, or when a Guidance says so (diffusers'
+    pair); its halves mix as uncond + scale * (cond - uncond)."""
+    from unclip_cli.diffusion.guidance import Guidance
+    from unclip_cli.stages.conditioning import TextCond
+    from unclip_cli.stages.prior import run_prior
+
+    _, _, text_embed, text_hidden, text_mask = _inputs(TINY)
+    cond = TextCond(text_embed, text_hidden, text_mask)
+    null = TextCond(torch.zeros(1, TINY.embed_dim), torch.zeros(1, TINY.num_text_tokens, TINY.text_width),
+                    torch.ones(1, TINY.num_text_tokens, dtype=torch.bool))
+    batches = []
+    hook = tiny_prior.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+
+    def sample(guidance):
+        batches.clear()
+        return run_prior(tiny_prior, cond, null, steps=3, guidance=guidance, generator=torch.Generator().manual_seed(0))
+
+    try:
+        plain = sample(1.0)
+        assert batches == [2, 2, 2]
+        for scale in (0.0, 0.5, 2.0):
+            sample(scale)
+            assert batches == [4, 4, 4], scale
+        batched_at_1 = sample(Guidance.diffusers_pair(1.0, 2.0)[0])  # the prior batched for the decoder's sake
+        assert batches == [4, 4, 4]
+        torch.testing.assert_close(batched_at_1, plain, rtol=1e-4, atol=1e-5)  # cond alone, up to float noise
+        assert not torch.allclose(sample(2.0), plain, atol=1e-3)  # guidance moves the sample
+    finally:
+        hook.remove()
+
+
 @torch.no_grad()
 def test_causal_mask(tiny_prior):
     """Tokens before x_t (text, text embed, time) never see x_t; x_t and the final token do."""

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from unclip_cli.diffusion.guidance import Guidance
 from unclip_cli.diffusion.samplers import ModelFn, draw_noise, sample_ancestral, sample_ddim
 from unclip_cli.diffusion.schedule import GaussianDiffusion, respaced_timesteps
 from unclip_cli.models.decoder import Decoder
@@ -17,33 +18,32 @@ def decoder_model_fn(
     image_embed: torch.Tensor,
     cond: TextCond,
     null: TextCond,
-    guidance: float,
-    *,
-    guided: bool | None = None,
+    guidance: float | Guidance,
 ) -> ModelFn:
     """The decoder as a sampler's model function (x_t, t) -> [eps, variance channels].
 
     Guidance on eps with [learned null image embedding + empty text; image embedding + text], the
-    variance channels taken from the conditional half; guided by default when guidance > 1.
+    variance channels taken from the conditional half; the batch runs as `Guidance.of(guidance)` says.
     """
     device = next(decoder.parameters()).device
     batch = image_embed.shape[0]
-    guided = guidance > 1.0 if guided is None else guided
+    guidance = Guidance.of(guidance)
+    batched = guidance.batched  # run the [uncond; cond] batch
     image_embed, cond = image_embed.to(device), cond.to(device)
-    if guided:
+    if batched:
         image_embed = torch.cat([decoder.null_image_embed(batch).to(device), image_embed])
         cond = TextCond.cat(null.to(device).expand(batch), cond)
     dcond = decoder.condition(image_embed, cond.embed, cond.hidden, cond.mask)
     channels = decoder.cfg.unet.in_channels
 
     def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-        x_in = torch.cat([x, x]) if guided else x
+        x_in = torch.cat([x, x]) if batched else x
         t_in = torch.full((x_in.shape[0],), t, dtype=torch.long, device=device)
         out = decoder(x_in, t_in, dcond)
-        if guided:
-            uncond, text = out.chunk(2)
-            eps_u, eps_t, var_t = uncond[:, :channels], text[:, :channels], text[:, channels:]
-            out = torch.cat([eps_u + guidance * (eps_t - eps_u), var_t], dim=1)
+        if batched:
+            uncond, text = guidance.split(out)
+            eps = guidance.combine(uncond[:, :channels], text[:, :channels])
+            out = torch.cat([eps, text[:, channels:]], dim=1)  # the variance channels of the conditional half
         return out
 
     return model_fn
@@ -57,9 +57,8 @@ def run_decoder(
     null: TextCond,
     *,
     steps: int,
-    guidance: float,
+    guidance: float | Guidance,
     generator: torch.Generator | None,
-    guided: bool | None = None,
     eta: float | None = None,
     x_T: torch.Tensor | None = None,
     timesteps: list[int] | None = None,
@@ -68,14 +67,14 @@ def run_decoder(
     """Decode image embeddings (B, D) to (B, 3, H, W) in [-1, 1], as UnCLIPPipeline's decoder loop.
 
     Guidance on eps with [learned null image embedding + empty text; image embedding + text];
-    the variance comes from the conditional half. eta=None: the ancestral (learned-variance)
+    the variance comes from the conditional half. guidance: a scale (the batch runs when it is not 1)
+    or a `Guidance` (`Guidance.diffusers_pair`, for Karlo parity). eta=None: the ancestral (learned-variance)
     sampler; eta=float: DDIM with that eta. x_T: a given initial noise (else drawn).
     timesteps: the descending timesteps to sample (default: `steps` respaced as UnCLIPScheduler).
     """
     device = next(decoder.parameters()).device
     batch = image_embed.shape[0]
-    guided = guidance > 1.0 if guided is None else guided
-    model_fn = decoder_model_fn(decoder, image_embed, cond, null, guidance, guided=guided)
+    model_fn = decoder_model_fn(decoder, image_embed, cond, null, guidance)
     diffusion = GaussianDiffusion.from_config(decoder.cfg.diffusion)
     timesteps = timesteps or respaced_timesteps(steps, diffusion.num_timesteps)
     if x_T is None:

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from unclip_cli.diffusion.guidance import Guidance
 from unclip_cli.diffusion.samplers import draw_noise, sample_ancestral
 from unclip_cli.diffusion.schedule import GaussianDiffusion, respaced_timesteps
 from unclip_cli.models.prior import DiffusionPrior
@@ -19,32 +20,29 @@ def run_prior(
     null: TextCond,
     *,
     steps: int,
-    guidance: float,
+    guidance: float | Guidance,
     generator: torch.Generator | None,
-    guided: bool | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Sample image embeddings (B, D) for B text conditions, as UnCLIPPipeline's prior loop.
 
-    guided: run the [uncond; cond] batch (default: guidance > 1); `generate` forces it when the
-    decoder is guided, as diffusers does.
+    guidance: a scale (the [uncond; cond] batch runs when it is not 1) or a `Guidance` that says
+    whether it runs (`Guidance.diffusers_pair`, for Karlo parity).
     """
     device = next(prior.parameters()).device
     batch = len(cond)
-    guided = guidance > 1.0 if guided is None else guided
+    guidance = Guidance.of(guidance)
+    batched = guidance.batched  # run the [uncond; cond] batch
     diffusion = GaussianDiffusion.from_config(prior.cfg.diffusion)
     timesteps = respaced_timesteps(steps, diffusion.num_timesteps)
     cond = cond.to(device)
-    both = TextCond.cat(null.to(device).expand(batch), cond) if guided else cond
+    both = TextCond.cat(null.to(device).expand(batch), cond) if batched else cond
 
     def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-        x_in = torch.cat([x, x]) if guided else x
+        x_in = torch.cat([x, x]) if batched else x
         t_in = torch.full((x_in.shape[0],), t, dtype=torch.long, device=device)
         out = prior(x_in, t_in, both.embed, both.hidden, both.mask)
-        if guided:
-            uncond, text = out.chunk(2)
-            out = uncond + guidance * (text - uncond)
-        return out
+        return guidance.combine(*guidance.split(out)) if batched else out
 
     x_T = draw_noise((batch, prior.cfg.embed_dim), generator, device)
     x0 = sample_ancestral(model_fn, x_T, diffusion, timesteps, generator=generator, callback=callback)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from unclip_cli.diffusion.guidance import Guidance
 from unclip_cli.models.ar_prior import ARPrior
 from unclip_cli.stages.conditioning import TextCond
 
@@ -34,14 +35,17 @@ def run_ar_prior(
     cond: TextCond,
     null: TextCond,
     *,
-    guidance: float,
+    guidance: float | Guidance,
     temperature: float = 1.0,
     top_p: float = 1.0,
     similarity_percentile: float = 50.0,
     generator: torch.Generator | None,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Sample image embeddings (B, D) for B text conditions with the AR prior."""
+    """Sample image embeddings (B, D) for B text conditions with the AR prior.
+
+    guidance: a scale (the [uncond; cond] batch runs when it is not 1) or a `Guidance`.
+    """
     if not prior.fitted:
         raise ValueError("the AR prior has no fitted PCA: train it first (unclip train prior-ar)")
     if temperature <= 0:
@@ -52,25 +56,25 @@ def run_ar_prior(
         raise ValueError("similarity_percentile must be in [0, 100)")
     device = prior.pca_mean.device
     batch, k = len(cond), prior.kept
-    guided = guidance != 1.0
+    guidance = Guidance.of(guidance)
+    batched = guidance.batched  # run the [uncond; cond] batch
     cond = cond.to(device)
-    both = TextCond.cat(null.to(device).expand(batch), cond) if guided else cond
+    both = TextCond.cat(null.to(device).expand(batch), cond) if batched else cond
     n_sim = prior.cfg.num_sim_buckets
     lowest = min(int(similarity_percentile / 100 * n_sim), n_sim - 1)
     sim = torch.randint(lowest, n_sim, (batch,), generator=generator).to(device)  # (B,)
-    s_in = torch.cat([sim, sim]) if guided else sim
+    s_in = torch.cat([sim, sim]) if batched else sim
     logits, state = prior.start_decoding(s_in, both.embed, both.hidden, both.mask)  # KV cache: one token per code
     codes = []
     for j in range(k):
         logits = logits.float()  # (B or 2B, nb)
-        if guided:
-            uncond, text = logits.chunk(2)
-            logits = uncond + guidance * (text - uncond)
+        if batched:
+            logits = guidance.combine(*guidance.split(logits))
         probs = top_p_filter(torch.softmax(logits.cpu() / temperature, dim=-1), top_p)  # drawn on the CPU
         nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].to(device)  # (B,)
         codes.append(nxt)
         if j + 1 < k:
-            logits = prior.next_logits(torch.cat([nxt, nxt]) if guided else nxt, state)
+            logits = prior.next_logits(torch.cat([nxt, nxt]) if batched else nxt, state)
         if callback is not None:
             callback(j, k)
     codes = torch.stack(codes, dim=1)  # (B, K)

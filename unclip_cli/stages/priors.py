@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from unclip_cli.diffusion.guidance import Guidance
 from unclip_cli.errors import UserError
 from unclip_cli.stages.conditioning import TextCond
 
@@ -29,31 +30,31 @@ def sample_prior(
     generator: torch.Generator | None,
     *,
     steps: int | None = None,
-    guidance: float | None = None,
+    guidance: float | Guidance | None = None,
     candidates: int = 1,
-    guided: bool | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     similarity_percentile: float | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Image embeddings (B, D) from the chosen prior, the set's defaults filling what is not given;
-    returns them with the settings used. candidates K > 1: best of K per prompt (stages.manipulate.best_of)."""
+    returns them with the settings used (`settings["guidance"]` the float scale). guidance: a scale, or a
+    `Guidance` passed through as it is. candidates K > 1: best of K per prompt (stages.manipulate.best_of)."""
     from unclip_cli.stages.manipulate import best_of
 
     kind = prior_kind(ms, kind)
     component = KINDS[kind]
     defaults = ms.sampling(component)
     net = ms.load(component, device)
-    settings = {"kind": kind, "guidance": defaults["guidance"] if guidance is None else guidance, "candidates": candidates}
+    guidance = Guidance.of(defaults["guidance"] if guidance is None else guidance)
+    settings = {"kind": kind, "guidance": guidance.scale, "candidates": candidates}
     if kind == "diffusion":
         from unclip_cli.stages.prior import run_prior
 
         settings["steps"] = steps or defaults["steps"]
 
         def sample(c: TextCond, n: TextCond) -> torch.Tensor:
-            return run_prior(net, c, n, steps=settings["steps"], guidance=settings["guidance"], generator=generator,
-                             guided=guided, callback=callback)
+            return run_prior(net, c, n, steps=settings["steps"], guidance=guidance, generator=generator, callback=callback)
     else:
         from unclip_cli.stages.prior_ar import run_ar_prior
 
@@ -62,7 +63,7 @@ def sample_prior(
 
         def sample(c: TextCond, n: TextCond) -> torch.Tensor:
             try:
-                return run_ar_prior(net, c, n, guidance=settings["guidance"], temperature=settings["temperature"],
+                return run_ar_prior(net, c, n, guidance=guidance, temperature=settings["temperature"],
                                     top_p=settings["top_p"], similarity_percentile=settings["similarity_percentile"],
                                     generator=generator, callback=callback)
             except ValueError as e:
