@@ -149,6 +149,25 @@ def test_mix_is_the_weighted_sum():
         mix(e, [1.0])
 
 
+def test_image_helpers():
+    from unclip_cli.stages.images import downscale, fit_image, psnr
+
+    g = torch.Generator().manual_seed(0)
+    wide = torch.rand(3, 40, 80, generator=g) * 2 - 1  # (3, H, W)
+    fitted = fit_image(wide, 20)
+    assert fitted.shape == (3, 20, 20) and fitted.min() >= -1 and fitted.max() <= 1
+    centre = downscale(wide[None, :, :, 20:60], 20)[0].clamp(-1, 1)  # the centre square, resized alone
+    torch.testing.assert_close(fitted[:, :, 2:-2], centre[:, :, 2:-2], rtol=0, atol=1e-5)  # equal away from its sides
+    assert fit_image(fitted, 20) is fitted
+    x = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    y = x.clone()
+    y[1] += 0.1
+    values = psnr(y, x)
+    assert values.shape == (2,) and values.dtype == torch.float32
+    assert torch.isinf(values[0]) and values[1].item() == pytest.approx(10 * math.log10(4 / 0.01), abs=1e-3)
+    assert downscale(x.double(), 4).shape == (2, 3, 4, 4) and downscale(x.double(), 4).dtype == torch.float32
+
+
 def test_latent_timesteps_skip_the_top_level():
     assert latent_timesteps(25)[0] == 959 and latent_timesteps(25)[-1] == 0 and len(latent_timesteps(25)) == 25
     assert latent_timesteps(7) == [856, 714, 571, 428, 285, 143, 0]  # round(k * 999 / 7), k < 7
