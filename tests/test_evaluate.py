@@ -14,7 +14,8 @@ import torch
 from unclip_cli.data.shapes import RELATIONS, SHAPES, Scene, ShapeObject, parse_caption, render, sample_scene, scene_for_index
 from unclip_cli.evaluate.classifier import ShapeClassifier, load_classifier, save_classifier
 from unclip_cli.evaluate.judge import Judge, default_judge_dir
-from unclip_cli.evaluate.report import aggregate, downscale, eval_scenes, psnr
+from unclip_cli.evaluate.report import aggregate, eval_scenes
+from unclip_cli.stages.images import downscale, psnr
 from unclip_cli.modelset import MANIFEST, default_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]

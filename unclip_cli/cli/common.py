@@ -103,6 +103,13 @@ def open_pipeline(model: str | None, device: str | None):
     return Pipeline.load(model, device=device, log=say)
 
 
+def first_record(images) -> dict:
+    """The record (see record.py) the first of a batch of result images carries."""
+    from unclip_cli.pipeline import image_record
+
+    return image_record(images[0]) or {}
+
+
 def report_seed(given: int | None, record: dict | None, key: str) -> None:
     """Without --seed, say on stderr which seed was drawn (the output's record holds it too)."""
     drawn = (record or {}).get(key)

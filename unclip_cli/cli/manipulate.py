@@ -14,7 +14,7 @@ import typer
 
 from unclip_cli.cli.common import (
     DeviceOpt, GuidanceOpt, KindOpt, ModelOpt, OutputOpt, QuietOpt, SeedOpt, StepsOpt,
-    app, check_min, open_pipeline, progress, report_seed, say,
+    app, check_min, first_record, open_pipeline, progress, report_seed, say,
 )
 from unclip_cli.errors import UserError
 
@@ -51,12 +51,6 @@ def _read_item(source: str):
 def _item(source: str):
     """A path (or '-') -> what the pipeline takes: a PIL image or a StageFile."""
     return _read_item(source)[1]
-
-
-def _record(images) -> dict:
-    from unclip_cli.pipeline import image_record
-
-    return image_record(images[0]) or {}
 
 
 # ---------------------------------------------------------------------- invert
@@ -130,7 +124,7 @@ def vary_cmd(
     with progress(quiet) as cb:
         images = pipe.vary(_item(source or "-"), n=n, eta=eta, fresh_noise=fresh_noise, steps=steps, guidance=guidance,
                            seed=seed, refine=refine, name=source or "<stdin>", callback=cb)
-    report_seed(seed, _record(images), "decoder_seed")
+    report_seed(seed, first_record(images), "decoder_seed")
     write_images(images, target)
 
 
@@ -182,7 +176,7 @@ def interpolate(
     with progress(quiet) as cb:
         images = pipe.interpolate(items[0][1], items[1][1], frames=frames, invert=invert, steps=steps, guidance=guidance,
                                   seed=seed, eta=eta, refine=refine, names=(a, b), callback=cb)
-    report_seed(seed, _record(images), "decoder_seed")
+    report_seed(seed, first_record(images), "decoder_seed")
     write_frames(images, target, kind)
 
 

@@ -12,15 +12,9 @@ import typer
 
 from unclip_cli.cli.common import (
     DeviceOpt, GuidanceOpt, KindOpt, ModelOpt, OutputOpt, QuietOpt, SeedOpt, StepsOpt,
-    app, check_min, open_pipeline, progress, read_prompts, report_seed,
+    app, check_min, first_record, open_pipeline, progress, read_prompts, report_seed,
 )
 from unclip_cli.errors import UserError
-
-
-def _record(images) -> dict:
-    from unclip_cli.pipeline import image_record
-
-    return image_record(images[0]) or {}
 
 
 @app.command("encode-text")
@@ -125,7 +119,7 @@ def decode(
     pipe.check_stage(stage, source or "<stdin>")
     with progress(quiet) as cb:
         images = pipe.decode(stage, steps=steps, guidance=guidance, seed=seed, eta=eta, callback=cb)
-    report_seed(seed, _record(images), "decoder_seed")
+    report_seed(seed, first_record(images), "decoder_seed")
     write_images(images, target)
 
 
@@ -160,7 +154,7 @@ def upsample(
     pipe.models.require({64: "upsampler-256", 256: "upsampler-1024"}[w])
     with progress(quiet) as cb:
         images = pipe.upsample([img for img, _ in items], steps=steps, seed=seed, callback=cb)
-    report_seed(seed, _record(images), f"upsampler_{w * 4}_seed")
+    report_seed(seed, first_record(images), f"upsampler_{w * 4}_seed")
     write_images(images, target)
 
 
@@ -236,7 +230,7 @@ def generate(
             prompts, size=size, seed=seed, prior_kind=prior_kind_opt, prior_steps=prior_steps, prior_guidance=prior_guidance,
             decoder_steps=decoder_steps, decoder_guidance=decoder_guidance, upsampler_steps=ups, callback=cb,
         )
-    report_seed(seed, _record(images), "seed")
+    report_seed(seed, first_record(images), "seed")
     write_images(images, target)
 
 

@@ -20,10 +20,10 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from unclip_cli.data.shapes import Scene, sample_scene
 from unclip_cli.evaluate.judge import Judge, Verdict
+from unclip_cli.stages.images import downscale, psnr
 
 SIZE = 64
 
@@ -85,17 +85,6 @@ def passed(figures: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- upsamplers
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Per-image PSNR in dB of (B, C, H, W) x against ref (values spanning `data_range`); inf where identical."""
-    mse = (x.double() - ref.double()).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(data_range**2 / mse)).float()  # mse = 0 gives inf
-
-
-def downscale(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, size, size), antialiased bicubic."""
-    return F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
 
 
 def _psnr_summary(values: list[float]) -> dict:
