@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from unclip_cli.convert.keymap import apply_key_map
 from unclip_cli.models.configs import PriorConfig
 from unclip_cli.models.prior import NUM_EXTRA_TOKENS, DiffusionPrior
 
@@ -109,30 +110,4 @@ def prior_state_from_diffusers(state: dict[str, torch.Tensor], cfg: PriorConfig)
     """
     with torch.device("meta"):
         expected = DiffusionPrior(cfg).state_dict()
-    key_map = _key_map(cfg)
-    assert set(key_map) == set(expected), "prior key map out of date with DiffusionPrior"
-
-    sources = [s for srcs in key_map.values() for s in srcs]
-    missing = sorted(s for s in sources if s not in state)
-    unused = sorted(set(state) - set(sources))
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unused:
-        problems.append(f"unused keys {unused}")
-    if problems:
-        raise ValueError("diffusers prior weights: " + "; ".join(problems))
-
-    bad_shapes = []
-    for ours, srcs in key_map.items():
-        shape = expected[ours].shape
-        part = (shape[0] // len(srcs), *shape[1:])  # each source's share of a concatenation
-        bad_shapes += [
-            f"{s} {tuple(state[s].shape)} != {part}" for s in srcs if tuple(state[s].shape) != part
-        ]
-    if bad_shapes:
-        raise ValueError("diffusers prior weights: shape mismatch " + "; ".join(bad_shapes))
-    return {
-        ours: state[srcs[0]] if len(srcs) == 1 else torch.cat([state[s] for s in srcs], dim=0)
-        for ours, srcs in key_map.items()
-    }
+    return apply_key_map(state, expected, _key_map(cfg), "prior")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from unclip_cli.convert.keymap import apply_key_map
 from unclip_cli.models.configs import DecoderConfig, UNetConfig
 from unclip_cli.models.decoder import TextProjection
 from unclip_cli.models.unet import UNet
@@ -218,33 +219,6 @@ def _unet_key_map(cfg: UNetConfig, expected) -> dict[str, list[str]]:
     return m
 
 
-def _convert(state: dict, expected: dict, key_map: dict[str, list[str]], what: str) -> dict[str, torch.Tensor]:
-    """Apply a key map: every source used exactly once, every result of our shape."""
-    stale = sorted(set(expected) ^ set(key_map))
-    assert not stale, f"{what} key map out of date with our model: {stale[:8]}"
-    sources = [s for srcs in key_map.values() for s in srcs]
-    missing = sorted(s for s in sources if s not in state)
-    unused = sorted(set(state) - set(sources))
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unused:
-        problems.append(f"unused keys {unused}")
-    if problems:
-        raise ValueError(f"diffusers {what} weights: " + "; ".join(problems))
-    bad = []
-    for ours, srcs in key_map.items():
-        shape = tuple(expected[ours].shape)
-        part = (shape[0] // len(srcs), *shape[1:])  # each source's share of a concatenation
-        bad += [f"{s} {tuple(state[s].shape)} != {part}" for s in srcs if tuple(state[s].shape) != part]
-    if bad:
-        raise ValueError(f"diffusers {what} weights: shape mismatch " + "; ".join(bad))
-    return {
-        ours: state[srcs[0]] if len(srcs) == 1 else torch.cat([state[s] for s in srcs], dim=0)
-        for ours, srcs in key_map.items()
-    }
-
-
 def unet_state_from_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
     """diffusers UNet2DConditionModel / UNet2DModel state dict -> our UNet state dict.
 
@@ -252,7 +226,7 @@ def unet_state_from_diffusers(state: dict[str, torch.Tensor], cfg: UNetConfig) -
     """
     with torch.device("meta"):
         expected = UNet(cfg).state_dict()
-    return _convert(state, expected, _unet_key_map(cfg, expected), "UNet")
+    return apply_key_map(state, expected, _unet_key_map(cfg, expected), "UNet")
 
 
 _TEXT_PROJ = {
@@ -282,7 +256,7 @@ def text_proj_state_from_diffusers(
             expected = TextProjection(cfg).state_dict()
     else:
         expected = {ours: state.get(theirs, torch.empty(0)) for ours, theirs in _TEXT_PROJ.items()}
-    return _convert(state, expected, {k: [v] for k, v in _TEXT_PROJ.items()}, "text_proj")
+    return apply_key_map(state, expected, {k: [v] for k, v in _TEXT_PROJ.items()}, "text_proj")
 
 
 def decoder_state_from_diffusers(
