@@ -204,24 +204,24 @@ def test_eval_command_prints_the_figures(cli, quick_set, tmp_path):
 def test_eval_of_a_perfect_and_a_confused_generator(quick_set, judge, monkeypatch):
     """With the generator replaced by the renderer, every figure is 1; with the images shifted by one prompt, far less."""
     from unclip_cli.evaluate import report as report_mod
-    from unclip_cli.modelset import ModelSet
+    from unclip_cli.pipeline import Pipeline
 
     by_caption = {s.caption: s for s in eval_scenes(12, seed=5)}
 
-    def perfect(ms, prompts, generator, device, prior_kind=None):
-        return render([by_caption[p] for p in prompts], 64)
+    def perfect(self, prompts, generator, **_):
+        return render([by_caption[p] for p in prompts], 64), {}
 
-    def confused(ms, prompts, generator, device, prior_kind=None):
-        return render([by_caption[p] for p in prompts[1:] + prompts[:1]], 64)
+    def confused(self, prompts, generator, **_):
+        return render([by_caption[p] for p in prompts[1:] + prompts[:1]], 64), {}
 
-    ms = ModelSet.open(str(quick_set))
-    monkeypatch.setattr(report_mod, "generate", perfect)
-    good = report_mod.run_eval(ms, judge, count=12, seed=5, batch_size=5)
+    pipe = Pipeline.load(quick_set, device="cpu")
+    monkeypatch.setattr(Pipeline, "generate_tensor", perfect)
+    good = report_mod.run_eval(pipe, judge, count=12, seed=5, batch_size=5)
     assert good["figures"]["one_object"] == {"n": 6, "object_color": 1.0, "background": 1.0, "shape": 1.0}
     assert good["figures"]["two_objects"]["relation"] == 1.0 and good["figures"]["two_objects"]["both_colors"] == 1.0
     assert all(all(kind.values()) for kind in good["passed"].values())
-    monkeypatch.setattr(report_mod, "generate", confused)
-    bad = report_mod.run_eval(ms, judge, count=12, seed=5, batch_size=5)
+    monkeypatch.setattr(Pipeline, "generate_tensor", confused)
+    bad = report_mod.run_eval(pipe, judge, count=12, seed=5, batch_size=5)
     assert bad["figures"]["one_object"]["background"] < 0.7 and bad["figures"]["two_objects"]["both_colors"] < 0.7
     assert not all(bad["passed"]["one_object"].values())
 

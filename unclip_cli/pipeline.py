@@ -111,7 +111,7 @@ class Pipeline(EditMixin):
         ms = self.models
         kind = kind or ms.manifest.get("prior_kind") or ("ar" if ms.has("prior-ar") and not ms.has("prior") else "diffusion")
         if kind not in PRIOR_KINDS:
-            raise UserError(f"prior kind must be diffusion or ar, got {kind!r}")
+            raise UserError(f"--kind (prior kind) must be diffusion or ar, got {kind!r}")
         return kind
 
     def record(self, **fields) -> dict:
