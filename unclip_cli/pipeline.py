@@ -369,6 +369,27 @@ class Pipeline(EditMixin):
         return images
 
 
+def slerp_embeddings(a: StageFile, b: StageFile, t: float, names: tuple[str, str] = ("A", "B")) -> StageFile:
+    """The slerp of two image-embedding stage files at t (0 gives a, 1 gives b); no networks needed.
+    A batch of one pairs with every row of the other."""
+    from unclip_cli.stages.interpolate import slerp
+
+    for stage, name in zip((a, b), names):
+        if stage.kind == "text":
+            raise UserError(f"{name}: text conditioning; slerp takes image embeddings (run `unclip prior` first)")
+    ea, eb = a.tensors["image_embed"].float(), b.tensors["image_embed"].float()
+    if ea.shape[-1] != eb.shape[-1]:
+        raise UserError(f"embedding dimensions differ: {ea.shape[-1]} vs {eb.shape[-1]}")
+    if a.clip and b.clip and a.clip != b.clip:
+        raise UserError(f"{names[0]} and {names[1]} were made with different CLIPs ({a.clip} vs {b.clip})")
+    if ea.shape[0] != eb.shape[0] and 1 not in (ea.shape[0], eb.shape[0]):
+        raise UserError(f"batch sizes differ: {ea.shape[0]} vs {eb.shape[0]}")
+    keep = ("clip", "clip_dim", "model", "model_identity", "model_dir", "unclip_version")
+    record = {k: v for k, v in from_meta(a.meta or b.meta).items() if k in keep}
+    record.update(stages=["slerp"], slerp={"a": names[0], "b": names[1], "t": t})
+    return StageFile("image", {"image_embed": slerp(ea, eb, t)}, to_meta(record))
+
+
 def image_record(img: Image.Image) -> dict | None:
     """The record an image carries (a PNG from unclip), else None."""
     return from_png_text(img.info.get(RECORD_KEY))

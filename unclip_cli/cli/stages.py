@@ -5,7 +5,6 @@ Each parses its options, reads its input, calls the Pipeline (unclip_cli/pipelin
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Optional
 
 import typer
@@ -166,28 +165,14 @@ def slerp_cmd(
     output: OutputOpt = None,
 ) -> None:
     """Spherical interpolation between two image embeddings."""
-    from unclip_cli.io import StageFile, read_stage, stdout_target, write_stage
-    from unclip_cli.stages.interpolate import slerp
+    from unclip_cli.io import read_stage, stdout_target, write_stage
+    from unclip_cli.pipeline import slerp_embeddings
 
     if a == "-" and b == "-":
         raise UserError("only one of A and B can be stdin")
     sa, sb = read_stage(a, "an image-embedding file"), read_stage(b, "an image-embedding file")
-    for s, name in ((sa, a), (sb, b)):
-        if s.kind == "text":
-            raise UserError(f"{name}: text conditioning; slerp takes image embeddings (run `unclip prior` first)")
-    ea, eb = sa.tensors["image_embed"].float(), sb.tensors["image_embed"].float()
-    if ea.shape[-1] != eb.shape[-1]:
-        raise UserError(f"embedding dimensions differ: {ea.shape[-1]} vs {eb.shape[-1]}")
-    if sa.clip and sb.clip and sa.clip != sb.clip:
-        raise UserError(f"{a} and {b} were made with different CLIPs ({sa.clip} vs {sb.clip})")
-    if ea.shape[0] != eb.shape[0] and 1 not in (ea.shape[0], eb.shape[0]):
-        raise UserError(f"batch sizes differ: {ea.shape[0]} vs {eb.shape[0]}")
-    target = stdout_target(output)
-    keep = ("clip", "clip_dim", "model", "model_identity", "model_dir", "unclip_version")
-    meta = {k: v for k, v in (sa.meta or sb.meta).items() if k in keep}
-    meta["stages"] = json.dumps(["slerp"])
-    meta["slerp"] = json.dumps({"a": a, "b": b, "t": t})
-    write_stage(StageFile("image", {"image_embed": slerp(ea, eb, t)}, meta), target)
+    result = slerp_embeddings(sa, sb, t, names=(a, b))
+    write_stage(result, stdout_target(output))
 
 
 @app.command("generate")

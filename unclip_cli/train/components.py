@@ -19,7 +19,6 @@ Both take their own generator, so a step's randomness is a function of the loop'
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from contextlib import nullcontext
@@ -444,17 +443,14 @@ class ClipTask(Task):
 
     def save(self, ema, log):
         """open_clip_model.safetensors in the local-dir layout, and the set's new CLIP identity."""
-        from unclip_cli.io import atomic_write, save_weights
-        from unclip_cli.modelset import MANIFEST, clip_identity
+        from unclip_cli.io import save_weights
+        from unclip_cli.modelset import refresh_clip_identity
 
         folder = self.ms.path / "clip"
         config_text = (folder / "open_clip_config.json").read_text()
         state = {k: v.detach().float().contiguous() for k, v in ema.state_dict().items()}
         save_weights(folder / "open_clip_model.safetensors", state, {"format": "pt", "open_clip_config": config_text})
-        manifest = json.loads((self.ms.path / MANIFEST).read_text())
-        old = manifest["clip"]["identity"]
-        manifest["clip"]["identity"] = clip_identity(folder, old.split("@")[0])
-        atomic_write(self.ms.path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        old, manifest = refresh_clip_identity(self.ms.path)
         self.ms.manifest = manifest
         if old != manifest["clip"]["identity"] and not self._warned:
             self._warned = True
