@@ -9,14 +9,17 @@ failure never leaves a partial output.
 
 from __future__ import annotations
 
+import contextlib
 import io as _io
 import json
 import os
+import shutil
 import struct
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -93,23 +96,64 @@ def stdout_target(output: str | None) -> str | None:
     return None
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write bytes to path via a temporary file in the same folder and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: a temporary file in the same folder (with the usual
+    0o666 & ~umask permissions), renamed to `path` when the block ends, removed if it fails."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UserError(f"{path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+            yield f
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write bytes to path via a temporary file in the same folder and a rename."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def new_folder(out: str | Path, refusal: str = "exists and is not an empty folder") -> Iterator[Path]:
+    """A folder to build `out` in: a temporary one beside it, renamed to `out` when the block ends and
+    removed if it fails, so that nothing half-written is ever left at `out`. `out` must not exist, or be
+    an empty folder (else a UserError: "OUT: " + refusal), and its parent must exist."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: {refusal}")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{parent}: folder does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json_object(path: str | Path, what: str = "JSON file") -> dict:
+    """The JSON object in file `path`; a one-line UserError ("PATH: damaged WHAT (...)") if it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: damaged {what} (not valid JSON: {e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: damaged {what} (not a JSON object)")
+    return data
 
 
 def emit(data: bytes, output: str | None) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -37,26 +34,20 @@ def shapes(
 ) -> None:
     """Write items 0..N-1 of the shapes stream as DIR/000000.png + DIR/000000.txt (caption), ..."""
     from unclip_cli.data.shapes import render, scene_for_index
-    from unclip_cli.io import png_bytes, tensor_to_images
+    from unclip_cli.io import new_folder, png_bytes, tensor_to_images
 
     check_min("--count", count)
     check_min("--size", size, 8)
     if size > MAX_SIZE:
         raise UserError(f"--size must be <= {MAX_SIZE}")
     check_min("--seed", seed, 0)
-    out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: exists and is not an empty folder")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{parent}: folder does not exist")
     from unclip_cli.device import resolve_device
 
-    dev = resolve_device(device)
-    width = max(6, len(str(count - 1)))
-    batch = max(1, min(64, (64 * 256 * 256) // (size * size)))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
+    out = Path(output)
+    with new_folder(out) as tmp:
+        dev = resolve_device(device)
+        width = max(6, len(str(count - 1)))
+        batch = max(1, min(64, (64 * 256 * 256) // (size * size)))
         with progress(quiet) as cb:
             for start in range(0, count, batch):
                 scenes = [scene_for_index(seed, i) for i in range(start, min(start + batch, count))]
@@ -65,12 +56,6 @@ def shapes(
                     (tmp / f"{i:0{width}d}.txt").write_text(scene.caption + "\n")
                 if cb:
                     cb("shapes", start + len(scenes) - 1, count)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     typer.echo(f"wrote {count} shapes ({size}px, seed {seed}) to {out}", err=True)
 
 

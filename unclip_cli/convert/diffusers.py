@@ -17,7 +17,6 @@ target, then renamed. The model set gets the pipeline's default sampling setting
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,7 +24,7 @@ import torch
 
 from unclip_cli.convert.open_clip_dir import import_open_clip_dir, resolve_clip_source
 from unclip_cli.errors import UserError
-from unclip_cli.io import load_state_dict
+from unclip_cli.io import load_state_dict, read_json_object
 from unclip_cli.models.configs import DiffusionConfig, UpsamplerConfig
 from unclip_cli.modelset.components import save_component
 from unclip_cli.modelset.create import new_set_folder
@@ -124,13 +123,7 @@ class _Snapshot:
     def json(self, path: Path) -> dict:
         if not path.is_file():
             raise UserError(f"{self.root}: incomplete snapshot: no {path.relative_to(self.root)}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a JSON object")
-        return data
+        return read_json_object(path, "snapshot file")
 
     def config(self, folder: str, name: str = "config.json") -> dict:
         return self.json(self.root / folder / name)

@@ -16,9 +16,7 @@ side holds more than a batch (or the rows asked for) in memory.
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 from unclip_cli.errors import UserError
+from unclip_cli.io import atomic_file
 
 CACHE_FORMAT = "unclip-embedding-cache"
 CACHE_VERSION = "1"
@@ -105,34 +104,24 @@ def build_embedding_cache(
     raw += b" " * (-len(raw) % 8)  # pad so that the data starts 8-byte aligned
     start = 8 + len(raw)
 
-    out_path = Path(out_path)
-    folder = out_path.parent if str(out_path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"{out_path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            f.truncate(start + offset)
-            for a in range(0, n, batch_size):
-                idx = indices[a : a + batch_size]
-                text_embed, text_hidden, text_mask = clip.encode_text(captions[a : a + batch_size])
-                rows = {
-                    "index": torch.tensor(idx, dtype=torch.int64),
-                    "image_embed": clip.encode_image(_clip_images(source, clip, idx)).float(),
-                    "text_embed": text_embed.float(),
-                    "text_hidden": text_hidden.half(),
-                    "text_mask": text_mask.bool(),
-                }
-                for name, dtype, shape in layout:
-                    f.seek(start + header[name]["data_offsets"][0] + a * _row_bytes(dtype, shape))
-                    f.write(rows[name].detach().cpu().contiguous().numpy().tobytes())
-                if callback is not None:
-                    callback(a + len(idx) - 1, n)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out_path) as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(start + offset)
+        for a in range(0, n, batch_size):
+            idx = indices[a : a + batch_size]
+            text_embed, text_hidden, text_mask = clip.encode_text(captions[a : a + batch_size])
+            rows = {
+                "index": torch.tensor(idx, dtype=torch.int64),
+                "image_embed": clip.encode_image(_clip_images(source, clip, idx)).float(),
+                "text_embed": text_embed.float(),
+                "text_hidden": text_hidden.half(),
+                "text_mask": text_mask.bool(),
+            }
+            for name, dtype, shape in layout:
+                f.seek(start + header[name]["data_offsets"][0] + a * _row_bytes(dtype, shape))
+                f.write(rows[name].detach().cpu().contiguous().numpy().tobytes())
+            if callback is not None:
+                callback(a + len(idx) - 1, n)
 
 
 class EmbeddingCache:

@@ -7,13 +7,11 @@ caller, as a function that writes an open_clip folder (convert/open_clip_dir.py 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from unclip_cli.errors import UserError
+from unclip_cli.io import new_folder
 from unclip_cli.modelset.components import CONFIG_TYPES, save_component, seeded_component
 from unclip_cli.modelset.manifest import read_manifest, save_manifest, with_component, write_manifest
 from unclip_cli.models.presets import get_preset
@@ -23,25 +21,10 @@ from unclip_cli.models.presets import get_preset
 ClipWriter = Callable[[Path], str]
 
 
-@contextlib.contextmanager
-def new_set_folder(out: Path) -> Iterator[Path]:
+def new_set_folder(out: Path) -> contextlib.AbstractContextManager[Path]:
     """Build a new set in a folder beside `out` (which must not exist, or be empty); renamed to `out` when the
-    block ends, removed if it fails, so that no half-written set is ever left at `out`."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: exists and is not empty")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{parent}: folder does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    block ends, removed if it fails, so that no half-written set is ever left at `out` (io.new_folder)."""
+    return new_folder(out, refusal="exists and is not empty")
 
 
 def init_model_set(

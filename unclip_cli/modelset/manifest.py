@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 from unclip_cli.errors import UserError
-from unclip_cli.io import atomic_write, read_safetensors_header
+from unclip_cli.io import atomic_write, read_json_object, read_safetensors_header
 from unclip_cli.models.presets import DEFAULT_SAMPLING
 
 MANIFEST = "model.json"
@@ -38,11 +38,8 @@ def read_manifest(folder: Path) -> dict:
         raise UserError(f"{folder}: model set folder not found")
     if not path.is_file():
         raise UserError(f"{folder}: not a model set (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: damaged manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    manifest = read_json_object(path, "manifest")
+    if manifest.get("format") != MANIFEST_FORMAT:
         raise UserError(f"{path}: not an unclip model-set manifest")
     clip = manifest.get("clip")
     if not isinstance(clip, dict) or not isinstance(clip.get("identity"), str) or "embed_dim" not in clip:
