@@ -90,12 +90,6 @@ def progress(quiet: bool) -> Iterator:
         yield callback
 
 
-def open_model_set(model: str | None):
-    from unclip_cli.modelset import ModelSet
-
-    return ModelSet.open(model)
-
-
 def open_pipeline(model: str | None, device: str | None):
     """The pipeline over --model on --device; its notes go to stderr."""
     from unclip_cli.pipeline import Pipeline

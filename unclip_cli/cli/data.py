@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from unclip_cli.cli.common import _Group, DeviceOpt, ModelOpt, QuietOpt, app, check_min, open_model_set, progress
+from unclip_cli.cli.common import _Group, DeviceOpt, ModelOpt, QuietOpt, app, check_min, open_pipeline, progress
 from unclip_cli.errors import UserError
 
 data_app = typer.Typer(cls=_Group, help="Training data: the procedural shapes, CLIP embedding caches.", no_args_is_help=True)
@@ -84,13 +84,11 @@ def embed(
     if count is not None and count > total:
         raise UserError(f"--count {count}, but {source.name} has {total} items")
     n = total if count is None else count
-    from unclip_cli.device import resolve_device
-
-    ms = open_model_set(model)
-    clip = ms.load("clip", resolve_device(device))
+    pipe = open_pipeline(model, device)
+    clip = pipe.net("clip")
     with progress(quiet) as cb:
         build_embedding_cache(
-            source, clip, output, indices=range(n), batch_size=batch_size, clip_identity=ms.clip_identity,
+            source, clip, output, indices=range(n), batch_size=batch_size, clip_identity=pipe.models.clip_identity,
             callback=(lambda i, total: cb("embed", i, total)) if cb else None,
         )
     typer.echo(f"wrote {n} embeddings of {source.name} to {output}", err=True)
