@@ -108,7 +108,7 @@ def report_seed(given: int | None, record: dict | None, key: str) -> None:
     """Without --seed, say on stderr which seed was drawn (the output's record holds it too)."""
     drawn = (record or {}).get(key)
     if given is None and drawn is not None:
-        say(f"seed {drawn}")
+        say(f"{key.replace('_', ' ')} {drawn}")  # "seed 123", "prior seed 123", ...
 
 
 def read_prompts(prompts: list[str] | None) -> list[str]:
