@@ -9,23 +9,24 @@ failure never leaves a partial output.
 
 from __future__ import annotations
 
-import contextlib
 import io as _io
 import json
 import os
-import shutil
 import struct
 import sys
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from unclip_cli import validate
 from unclip_cli.errors import UserError
+from unclip_cli.outputs import (  # noqa: F401 (the write side, re-exported: callers look for files and pipes here)
+    atomic_file, atomic_write, check_output, emit, new_folder, numbered, show, stdout_target, write_all, write_folder,
+)
 
 STAGE_FORMAT = "unclip-stage"
 STAGE_VERSION = "1"
@@ -87,64 +88,6 @@ def read_input(source: str | None, what: str) -> tuple[bytes, str]:
     return data, source
 
 
-def stdout_target(output: str | None) -> str | None:
-    """Where a result goes: a path, or None for stdout. Refuses to write binary to a terminal."""
-    if output is not None and output != "-":
-        return output
-    if output is None and sys.stdout.isatty():
-        raise UserError("refusing to write binary data to a terminal: use -o FILE or pipe into a file or stage")
-    return None
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
-    """A binary file to write `path` through: a temporary file in the same folder (with the usual
-    0o666 & ~umask permissions), renamed to `path` when the block ends, removed if it fails."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"{path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write bytes to path via a temporary file in the same folder and a rename."""
-    with atomic_file(path) as f:
-        f.write(data)
-
-
-@contextlib.contextmanager
-def new_folder(out: str | Path, refusal: str = "exists and is not an empty folder") -> Iterator[Path]:
-    """A folder to build `out` in: a temporary one beside it, renamed to `out` when the block ends and
-    removed if it fails, so that nothing half-written is ever left at `out`. `out` must not exist, or be
-    an empty folder (else a UserError: "OUT: " + refusal), and its parent must exist."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: {refusal}")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{parent}: folder does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def read_json_object(path: str | Path, what: str = "JSON file") -> dict:
     """The JSON object in file `path`; a one-line UserError ("PATH: damaged WHAT (...)") if it is not one."""
     try:
@@ -156,34 +99,28 @@ def read_json_object(path: str | Path, what: str = "JSON file") -> dict:
     return data
 
 
-def emit(data: bytes, output: str | None) -> None:
-    """Send bytes to `output` (path) or stdout (None)."""
-    if output is None:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    else:
-        atomic_write(output, data)
-
-
 # --------------------------------------------------------------------------- safetensors
+
+
+def _header_json(n: int, raw: bytes, name: str, data_bytes: int) -> dict:
+    """A safetensors header (n bytes, read as `raw`) followed by `data_bytes` of tensor data, checked."""
+    if n > 100_000_000 or len(raw) < n:
+        raise UserError(f"{name}: not a safetensors or .npy file (or truncated)")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise UserError(f"{name}: not a safetensors or .npy file (bad header)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{name}: not a safetensors file (bad header)")
+    validate.safetensors_table(header, name, data_bytes)
+    return header
 
 
 def _safetensors_header(data: bytes, name: str) -> dict:
     if len(data) < 8:
         raise UserError(f"{name}: truncated file (not a safetensors or .npy file)")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8 or n > 100_000_000:
-        raise UserError(f"{name}: not a safetensors or .npy file (or truncated)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{name}: not a safetensors or .npy file (bad header)") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{name}: not a safetensors file (bad header)")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > len(data):
-        raise UserError(f"{name}: truncated safetensors file")
-    return header
+    return _header_json(n, data[8 : 8 + n], name, len(data) - 8 - n)
 
 
 def read_safetensors_header(path: str | Path) -> dict:
@@ -193,16 +130,9 @@ def read_safetensors_header(path: str | Path) -> dict:
         if len(head) < 8:
             raise UserError(f"{path}: truncated safetensors file")
         (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise UserError(f"{path}: not a safetensors file")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{path}: not a safetensors file (bad header)") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{path}: not a safetensors file (bad header)")
-    return header
+        raw = f.read(min(n, 100_000_001))
+        size = os.fstat(f.fileno()).st_size
+    return _header_json(n, raw, str(path), size - 8 - n)
 
 
 def load_safetensors_bytes(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -269,29 +199,21 @@ def parse_stage(data: bytes, name: str, what: str = "a stage file") -> StageFile
     kind = meta.get("kind")
     if kind not in MAIN_TENSOR or MAIN_TENSOR[kind] not in tensors:
         raise UserError(f"{name}: stage file of unknown kind {kind!r} or missing its main tensor")
-    for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise UserError(f"{name}: tensor {key} contains NaN or infinity")
-    if kind == "latent":  # (z_i, x_T): x_T is one (C, H, W) noise image per embedding
-        noise = tensors.get("noise")
-        if noise is None or noise.ndim != 4 or noise.shape[0] != tensors["image_embed"].shape[0]:
-            raise UserError(f"{name}: latent file without a (B, C, H, W) noise tensor matching its image_embed")
+    if kind == "latent" and "noise" not in tensors:  # (z_i, x_T): x_T is one (C, H, W) noise image per embedding
+        raise UserError(f"{name}: latent file without a (B, C, H, W) noise tensor matching its image_embed")
+    validate.stage_tensors(tensors, name)
     return StageFile(kind=kind, tensors=tensors, meta=meta)
 
 
 def _read_npy(data: bytes, name: str) -> StageFile:
+    validate.npy_header(data, name)  # dtype, shape, length: before numpy allocates anything
     try:
         arr = np.load(_io.BytesIO(data), allow_pickle=False)
     except Exception as e:
-        raise UserError(f"{name}: damaged .npy file ({str(e).splitlines()[0]})") from None
-    if arr.dtype.kind not in "fiu":
-        raise UserError(f"{name}: .npy of dtype {arr.dtype}, expected floats")
+        raise UserError(f"{name}: damaged .npy file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if arr.ndim == 1:
         arr = arr[None]
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise UserError(f"{name}: .npy of shape {tuple(arr.shape)}, expected (D,) or (B, D)")
-    if not np.isfinite(arr).all():
-        raise UserError(f"{name}: .npy contains NaN or infinity")
+    validate.npy_values(arr, name)
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     return StageFile(kind="image", tensors={"image_embed": t}, meta={}, bare=True)
 
@@ -346,10 +268,19 @@ def split_pngs(data: bytes, name: str) -> list[bytes]:
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
+    """An image's pixels as RGB; over validate.max_pixels() ($UNCLIP_MAX_PIXELS) is refused before decoding."""
+    limit = validate.max_pixels()
+    Image.MAX_IMAGE_PIXELS = limit  # PIL checks the size in the header: warns above, refuses above twice
     try:
-        img = Image.open(_io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(_io.BytesIO(data))
+            if img.width * img.height > limit:
+                raise Image.DecompressionBombWarning
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"{name}: image larger than {limit} pixels (set ${validate.MAX_PIXELS_VAR} to allow more)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise UserError(f"{name}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return img.convert("RGB")
 
@@ -368,7 +299,7 @@ def read_images(sources: list[str] | None, what: str = "an image") -> list[tuple
         for i, part in enumerate(parts):
             img = decode_image(part, name if len(parts) == 1 else f"{name}[{i}]")
             carry = _png_carry(part)
-            if carry is not None:
+            if carry is not None and validate.carry_fits(carry, img.size):
                 img.info[CARRY_KEY] = carry
             items.append((img, name))
     return items
@@ -442,25 +373,18 @@ def png_bytes(img: Image.Image, carry: dict[str, torch.Tensor] | None = None) ->
     return buf.getvalue()
 
 
-def numbered(output: str, i: int) -> str:
-    """out.png -> out-0.png (batch outputs)."""
-    p = Path(output)
-    return str(p.with_name(f"{p.stem}-{i}{p.suffix}"))
-
-
 def write_images(images: list[Image.Image], output: str | None) -> list[str]:
     """One image -> output; several -> out-0.png, out-1.png...; stdout gets the PNGs back to back.
 
-    Each PNG carries its image's record and carried tensors (see png_bytes). All of a batch is
-    encoded before the first file is written.
+    Each PNG carries its image's record and carried tensors (see png_bytes). A batch is written all
+    or nothing (see write_all).
     """
     if output is None:
         emit(b"".join(png_bytes(img) for img in images), None)
         return ["<stdout>"]
     if Path(output).suffix.lower() not in (".png", ""):
-        raise UserError(f"{output}: images are written as PNG; use a .png name")
+        raise UserError(f"{show(output)}: images are written as PNG; use a .png name")
     paths = [output] if len(images) == 1 else [numbered(output, i) for i in range(len(images))]
-    blobs = [png_bytes(img) for img in images]
-    for blob, path in zip(blobs, paths):
-        emit(blob, path)
+    check_output(output, len(paths))
+    write_all([(path, png_bytes(img)) for path, img in zip(paths, images)])
     return paths
