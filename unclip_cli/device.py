@@ -16,6 +16,8 @@ def resolve_device(option: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UserError(f"--device {name}: not a device that can run the networks (cpu, cuda, mps or xpu)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA device is available")
     return device

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from unclip_cli import __version__
+from unclip_cli import __version__, checks
 from unclip_cli.device import make_generator, resolve_device
 from unclip_cli.diffusion.guidance import Guidance
 from unclip_cli.errors import UserError
@@ -101,10 +101,24 @@ class Pipeline(EditMixin):
         return self.models.load(component, self.device)
 
     def settings(self, component: str, **given) -> dict:
-        """The set's sampling defaults for a component, with the given (non-None) values on top."""
+        """The set's sampling defaults for a component, with the given (non-None) values on top, checked:
+        steps within the component's training chain, finite guidance, the AR prior's ranges."""
         merged = self.models.sampling(component)
         merged.update({k: v for k, v in given.items() if v is not None})
+        if "steps" in merged:
+            chain = self.models.load_config(component).diffusion.num_timesteps
+            checks.steps(f"{component} steps", merged["steps"], chain)
+        checks.number(f"{component} guidance", merged.get("guidance"))
+        checks.number(f"{component} temperature", merged.get("temperature"), above=0)
+        checks.number(f"{component} top_p", merged.get("top_p"), above=0, high=1)
+        checks.number(f"{component} similarity_percentile", merged.get("similarity_percentile"), low=0, below=100)
         return merged
+
+    def _finite(self, x: torch.Tensor, stage: str) -> torch.Tensor:
+        """A stage's result, refused (one line, nothing written) if it holds NaN or infinity: its inputs and
+        options were checked finite, so the weights or an input far outside the training data are to blame."""
+        cause = f"its inputs and options are finite: check {stage}'s weights in {self.models.path}, or an extreme input"
+        return checks.finite_result(x, stage, cause)
 
     def prior_kind(self, kind: str | None = None) -> str:
         """`kind`, else the set's `prior_kind`, else diffusion (ar if that is all the set has)."""
@@ -133,7 +147,8 @@ class Pipeline(EditMixin):
 
     def text_cond(self, prompts: Sequence[str]) -> TextCond:
         """CLIP text conditioning of a batch of prompts, encoded as one batch."""
-        return TextCond(*self.net("clip").encode_text(list(prompts)))
+        embed, hidden, mask = self.net("clip").encode_text(list(prompts))
+        return TextCond(self._finite(embed, "clip"), self._finite(hidden, "clip"), mask)
 
     def null(self, batch: int = 1) -> TextCond:
         """The empty prompt's conditioning (guidance's unconditional branch), `batch` rows encoded as one
@@ -150,7 +165,7 @@ class Pipeline(EditMixin):
 
     def encode_image(self, images: Sequence[Image.Image], names: Sequence[str] | None = None) -> StageFile:
         """PIL images (any size: shortest side resized, centre crop) -> an image-embedding stage file."""
-        embed = self.net("clip").encode_image(list(images)).cpu()
+        embed = self._finite(self.net("clip").encode_image(list(images)).cpu(), "clip")
         record = self.record(stages=["encode-image"], images=list(names) if names else None)
         return StageFile("image", {"image_embed": embed}, to_meta(record))
 
@@ -189,7 +204,7 @@ class Pipeline(EditMixin):
                 except ValueError as e:
                     raise UserError(f"prior-ar: {e}") from None
 
-        embed = best_of(sample, cond, null, candidates)
+        embed = self._finite(best_of(sample, cond, null, candidates), component)
         return embed, {"prior_kind": kind, **{f"prior_{k}": v for k, v in s.items()}, "prior_candidates": candidates}
 
     def prior(
@@ -227,8 +242,10 @@ class Pipeline(EditMixin):
         scale = guidance.scale if isinstance(guidance, Guidance) else guidance
         s = self.settings("decoder", steps=steps, guidance=scale)
         g = guidance if isinstance(guidance, Guidance) else Guidance.of(s["guidance"])
+        checks.number("eta", eta, low=0)
         images = run_decoder(self.net("decoder"), embed, cond, null, steps=s["steps"], guidance=g, generator=generator,
                              eta=eta, callback=_stage_callback(callback, "decoder"))
+        self._finite(images, "decoder")
         return images, {"decoder_steps": s["steps"], "decoder_guidance": s["guidance"], "decoder_eta": eta}
 
     def decode(
@@ -244,6 +261,7 @@ class Pipeline(EditMixin):
             raise UserError("decode reads image embeddings: run the prior on text conditioning first")
         embed = stage.tensors["image_embed"].float()
         embed = embed[None] if embed.ndim == 1 else embed
+        checks.finite_result(embed, "decode", "the input embedding holds NaN or infinity")
         self.check_stage(stage)
         null = self.null(embed.shape[0])
         cond = TextCond.from_tensors(stage.tensors) or null
@@ -264,6 +282,9 @@ class Pipeline(EditMixin):
         steps = steps or int(stage.meta.get("decoder_steps", s["steps"]))
         guidance = float(stage.meta.get("decoder_guidance", s["guidance"])) if guidance is None else guidance
         eta = 0.0 if eta is None else eta
+        checks.number("eta", eta, low=0)
+        checks.steps("decoder steps", steps, self.models.load_config("decoder").diffusion.num_timesteps)
+        checks.number("decoder guidance", guidance)
         x_T = stage.tensors["noise"].float()
         net = self.net("decoder")
         want = (net.cfg.unet.in_channels, net.cfg.unet.sample_size, net.cfg.unet.sample_size)
@@ -287,6 +308,7 @@ class Pipeline(EditMixin):
             raise UserError(f"{component} of {self.name!r} takes {net.cfg.low_res}px input, got {size}px")
         s = self.settings(component, steps=steps)
         out = run_upsampler(net, low, steps=s["steps"], generator=generator, callback=_stage_callback(callback, component))
+        self._finite(out, component)
         return out, {f"upsampler_{size * 4}_steps": s["steps"]}
 
     def upsample(self, images: Sequence[Image.Image], *, steps: int | None = None, seed: int | None = None,
@@ -361,7 +383,7 @@ class Pipeline(EditMixin):
 
     def _images(self, x: torch.Tensor, record: dict, carry: list[dict] | None = None) -> list[Image.Image]:
         """(B, 3, H, W) in [-1, 1] -> PIL images, each with its record (and carry) in `info`."""
-        images = tensor_to_images(x)
+        images = tensor_to_images(self._finite(x, (record.get("stages") or ["unclip"])[-1]))
         for i, img in enumerate(images):
             img.info[RECORD_KEY] = png_text({**record, "index": i if len(images) > 1 else None})
             if carry is not None:
@@ -374,6 +396,7 @@ def slerp_embeddings(a: StageFile, b: StageFile, t: float, names: tuple[str, str
     A batch of one pairs with every row of the other."""
     from unclip_cli.stages.interpolate import slerp
 
+    checks.number("t", t)
     for stage, name in zip((a, b), names):
         if stage.kind == "text":
             raise UserError(f"{name}: text conditioning; slerp takes image embeddings (run `unclip prior` first)")
@@ -387,7 +410,8 @@ def slerp_embeddings(a: StageFile, b: StageFile, t: float, names: tuple[str, str
     keep = ("clip", "clip_dim", "model", "model_identity", "model_dir", "unclip_version")
     record = {k: v for k, v in from_meta(a.meta or b.meta).items() if k in keep}
     record.update(stages=["slerp"], slerp={"a": names[0], "b": names[1], "t": t})
-    return StageFile("image", {"image_embed": slerp(ea, eb, t)}, to_meta(record))
+    result = checks.finite_result(slerp(ea, eb, t), "slerp", f"t = {t} is far outside [0, 1]")
+    return StageFile("image", {"image_embed": result}, to_meta(record))
 
 
 def image_record(img: Image.Image) -> dict | None:

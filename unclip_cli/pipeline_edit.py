@@ -17,6 +17,7 @@ from PIL import Image
 
 from unclip_cli.errors import UserError
 from unclip_cli.io import StageFile
+from unclip_cli import checks
 from unclip_cli.device import make_generator
 from unclip_cli.record import to_meta
 
@@ -52,9 +53,11 @@ class EditMixin:
         embed = self.net("clip").encode_image(list(images)).cpu()
         # each image alone: sizes may differ; a PNG from decode gives its exact float values
         pixels = torch.stack([fit_image(exact_images_to_tensor([img])[0][0], size) for img in images])
+        self._check_decoder_settings(steps, guidance)
         null = self.null(len(images))
         x_T, _ = invert(decoder, pixels, embed, null, null, steps=steps, guidance=guidance, refine=refine,
                         callback=_cb(callback, "invert"))
+        self._finite(x_T, "invert")
         back = decode_latent(decoder, embed, x_T, null, steps=steps, guidance=guidance)
         return embed, x_T.cpu(), psnr(back.cpu(), pixels).tolist()
 
@@ -91,7 +94,12 @@ class EditMixin:
         steps = steps or (known[0].steps if known else defaults["steps"])
         if guidance is None:
             guidance = known[0].guidance if known else defaults["guidance"]
+        self._check_decoder_settings(steps, guidance)
         return steps, guidance
+
+    def _check_decoder_settings(self, steps, guidance) -> None:
+        checks.steps("decoder steps", steps, self.models.load_config("decoder").diffusion.num_timesteps)
+        checks.number("decoder guidance", guidance)
 
     # ------------------------------------------------------------------ the manipulations
 
@@ -102,6 +110,7 @@ class EditMixin:
         if refine < 0:
             raise UserError("refine must be >= 0")
         steps = steps or self.settings("decoder")["steps"]
+        self._check_decoder_settings(steps, guidance)
         embed, x_T, psnr = self.invert_tensors(images, steps=steps, guidance=guidance, refine=refine, callback=callback)
         record = self.record(stages=["invert"], images=list(names) if names else None, decoder_steps=steps,
                              decoder_guidance=guidance, reconstruction_psnr=psnr)
@@ -114,8 +123,7 @@ class EditMixin:
         from unclip_cli.stages.decode import draw_latent_noise
         from unclip_cli.stages.manipulate import vary
 
-        if eta < 0:
-            raise UserError("eta must be >= 0")
+        checks.number("eta", eta, low=0)
         lat = self.latent(source, need_noise=not fresh_noise, steps=steps, guidance=guidance, refine=refine, name=name,
                           callback=callback)
         steps, guidance = self._decoder_settings(steps, guidance, lat if not fresh_noise else None)
@@ -138,8 +146,7 @@ class EditMixin:
 
         if frames < 2:
             raise UserError("frames must be >= 2")
-        if eta < 0:
-            raise UserError("eta must be >= 0")
+        checks.number("eta", eta, low=0)
         if invert:
             for item, name in zip((a, b), names):
                 if isinstance(item, StageFile):
@@ -171,8 +178,7 @@ class EditMixin:
 
         if frames < 2:
             raise UserError("frames must be >= 2")
-        if not 0 < max_theta <= 1:
-            raise UserError("max_theta must be in (0, 1]")
+        checks.number("max_theta", max_theta, above=0, high=1)
         if not to_text.strip():
             raise UserError("the target caption must not be empty")
         lat = self.latent(source, need_noise=True, steps=steps, guidance=guidance, refine=refine, name=name, callback=callback)
@@ -204,6 +210,8 @@ class EditMixin:
         weights = [1.0 / len(items)] * len(items) if weights is None else list(weights)
         if len(weights) != len(items):
             raise UserError(f"{len(weights)} weight(s) for {len(items)} item(s)")
+        for w in weights:
+            checks.number("each mix weight", w)
         names = list(names) if names else [str(it) if isinstance(it, str) else f"item {i}" for i, it in enumerate(items)]
         texts = [it[len("text:"):] for it in items if isinstance(it, str) and it.startswith("text:")]
         found, fields = iter(()), {}
@@ -221,7 +229,8 @@ class EditMixin:
             else:
                 embeds.append(self.latent(it, need_noise=False, refine=0, name=nm).embed)
         record = self.record(stages=["mix"], mix={"items": names, "weights": weights}, **fields)
-        return StageFile("image", {"image_embed": mix(torch.cat(embeds), weights)}, to_meta(record))
+        mixed = self._finite(mix(torch.cat(embeds), weights), "mix")
+        return StageFile("image", {"image_embed": mixed}, to_meta(record))
 
 
 def refuse_bare_embedding(stage: StageFile, name: str) -> None:
