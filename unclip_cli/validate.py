@@ -243,7 +243,7 @@ def typed(tp, value, where: str, choices: dict[str, tuple]):
     if dataclasses.is_dataclass(tp):
         return dataclass_from_dict(tp, value, where, choices)
     if origin is tuple:
-        if not isinstance(value, list) or not value:
+        if not isinstance(value, (list, tuple)) or not value:
             raise ValueError(f"{where}: expected a non-empty list, got {str(value)[:40]}")
         item = typing.get_args(tp)[0]
         return tuple(typed(item, v, f"{where}[{i}]", choices) for i, v in enumerate(value))

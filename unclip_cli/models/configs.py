@@ -9,9 +9,9 @@ The presets' CLIPs are open_clip model configs (plain dicts, as open_clip_config
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
+
+from unclip_cli import validate
 
 
 # open_clip model configs of the presets' CLIPs (written by `write_clip_dir`).
@@ -133,30 +133,16 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# values a string field may take, and the int fields that may be 0 (every other int is a positive size)
+CHOICES: dict[str, tuple] = {
+    "schedule": ("cosine",),
+    "prediction": ("eps", "x0"),
+    "variance": ("fixed_small_log", "learned_range"),
+    ">=0": ("num_extra_tokens",),
+}
+
+
 def config_from_dict(cls, data: dict):
-    """JSON dict -> dataclass `cls`, recursing into nested configs; unknown keys are an error."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value)
-    return cls(**kwargs)
-
-
-def _coerce(tp, value):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(args[0], value)
-    if dataclasses.is_dataclass(tp):
-        return config_from_dict(tp, value)
-    if origin is tuple:
-        return tuple(value)
-    return value
+    """JSON dict -> dataclass `cls`, recursing into nested configs; unknown keys, values of the wrong type
+    or out of range are a ValueError naming the field (see validate.typed)."""
+    return validate.dataclass_from_dict(cls, data, cls.__name__, CHOICES)

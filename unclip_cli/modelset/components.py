@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from unclip_cli.errors import UserError
-from unclip_cli.io import atomic_write, save_weights
+from unclip_cli.io import atomic_write, read_json_object, save_weights
 from unclip_cli.models.configs import (
     ARPriorConfig,
     DecoderConfig,
@@ -60,13 +60,13 @@ def seeded_component(component: str, cfg, seed: int, index: int) -> torch.nn.Mod
 
 def read_component_config(folder: Path, component: str):
     """The typed config in folder/config.json; a one-line UserError if missing or invalid."""
+    if not (folder / CONFIG).is_file():
+        raise UserError(f"{folder}: {CONFIG} missing")
+    data = read_json_object(folder / CONFIG, "component config")
     try:
-        data = json.loads((folder / CONFIG).read_text())
         return config_from_dict(CONFIG_TYPES[component], data)
-    except FileNotFoundError:
-        raise UserError(f"{folder}: {CONFIG} missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as e:
-        raise UserError(f"{folder}/{CONFIG}: invalid ({e})") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{folder / CONFIG}: invalid ({str(e).splitlines()[0][:300]})") from None
 
 
 def save_component(root: Path, component: str, cfg, module: torch.nn.Module | dict[str, torch.Tensor]) -> None:

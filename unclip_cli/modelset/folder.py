@@ -8,14 +8,17 @@ Layout of a set:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from unclip_cli import validate
 from unclip_cli.errors import UserError
-from unclip_cli.io import atomic_write, load_state_dict
+from unclip_cli.io import atomic_write, load_state_dict, read_safetensors_header
+from unclip_cli.models.configs import config_to_dict
 from unclip_cli.modelset.components import WEIGHTS, build_component, read_component_config
 from unclip_cli.modelset.manifest import MANIFEST, component_sampling, read_manifest
 
@@ -139,8 +142,14 @@ class ModelSet:
                 raise UserError(f"{folder}: cannot load CLIP ({str(e).splitlines()[0]})") from None
         else:
             cfg = self.load_config(component)
+            weights = self.path / component / WEIGHTS
+            if not weights.is_file():
+                raise UserError(f"{weights}: weights file missing")
+            header = read_safetensors_header(weights)
+            if (header.get("__metadata__") or {}).get("config") != json.dumps(config_to_dict(cfg)):
+                self._check_fit(component, cfg, header)  # weights saved with another config (or none)
             module = build_component(component, cfg)
-            state = load_state_dict(self.path / component / WEIGHTS)
+            state = load_state_dict(weights)
             try:
                 module.load_state_dict(state, strict=True)
             except RuntimeError as e:
@@ -148,6 +157,16 @@ class ModelSet:
             module.eval().to(device)
         self._cache[key] = module
         return module
+
+    def _check_fit(self, component: str, cfg, header: dict) -> None:
+        """Refuse weights whose tensors are not the config's network's, comparing the shapes of a
+        build on the meta device (nothing allocated) with the weights file's header."""
+        try:
+            with torch.device("meta"):
+                expected = {k: tuple(v.shape) for k, v in build_component(component, cfg).state_dict().items()}
+        except Exception as e:
+            raise UserError(f"{self.path / component}: its config does not make a network ({_first_line(e)})") from None
+        validate.weights_fit(expected, header, str(self.path / component))
 
 
 def _first_line(e: Exception) -> str:

@@ -14,6 +14,7 @@ import json
 import struct
 from pathlib import Path
 
+from unclip_cli import validate
 from unclip_cli.errors import UserError
 from unclip_cli.io import atomic_write, read_json_object, read_safetensors_header
 from unclip_cli.models.presets import DEFAULT_SAMPLING
@@ -41,11 +42,7 @@ def read_manifest(folder: Path) -> dict:
     manifest = read_json_object(path, "manifest")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise UserError(f"{path}: not an unclip model-set manifest")
-    clip = manifest.get("clip")
-    if not isinstance(clip, dict) or not isinstance(clip.get("identity"), str) or "embed_dim" not in clip:
-        raise UserError(f"{path}: damaged manifest (no CLIP identity and embedding dimension)")
-    if not isinstance(manifest.get("components", []), list):
-        raise UserError(f"{path}: damaged manifest (components is not a list)")
+    validate.manifest(manifest, path, COMPONENTS)  # fields of the right types, sizes and settings in range
     return manifest
 
 
