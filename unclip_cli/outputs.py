@@ -35,24 +35,27 @@ def check_output(path: str | Path, count: int = 1) -> None:
     """Refuse, before any work, an output that cannot be written: a folder, a missing or read-only
     folder, a name too long. `count` > 1: the batch's numbered names (see numbered)."""
     path = Path(path)
-    for p in [path] if count == 1 else [Path(numbered(str(path), i)) for i in range(count)]:
-        if p.is_dir():
-            raise UserError(f"{show(p)}: is a folder, expected a file name")
     folder = path.parent
-    if not folder.is_dir():
-        raise UserError(f"{show(path)}: folder {show(folder)} does not exist")
+    names = [path] if count == 1 else [Path(numbered(str(path), i)) for i in range(count)]
+    if max(len(p.name.encode()) for p in names) > 255:  # NAME_MAX of the usual file systems
+        raise UserError(f"{show(path)}: cannot write (file name too long)")
+    try:
+        for p in names:
+            if p.is_dir():
+                raise UserError(f"{show(p)}: is a folder, expected a file name")
+        if not folder.is_dir():
+            raise UserError(f"{show(path)}: folder {show(folder)} does not exist")
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{show(path)}: cannot write (folder {show(folder)} is not writable)")
-    with contextlib.suppress(OSError, ValueError):
-        if len(path.name.encode()) > os.pathconf(folder, "PC_NAME_MAX"):
-            raise UserError(f"{show(path)}: cannot write (file name too long)")
 
 
-def stdout_target(output: str | None) -> str | None:
-    """Where a result goes: a path (checked with check_output), or None for stdout ('-' or no -o).
-    Refuses to write binary to a terminal."""
+def stdout_target(output: str | None, count: int = 1) -> str | None:
+    """Where a result goes: a path (checked with check_output, for `count` files), or None for stdout
+    ('-' or no -o). Refuses to write binary to a terminal."""
     if output is not None and output != "-":
-        check_output(output)
+        check_output(output, count)
         return output
     if sys.stdout.isatty():
         raise UserError("refusing to write binary data to a terminal: use -o FILE or pipe into a file or stage")

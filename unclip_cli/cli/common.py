@@ -3,27 +3,51 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import traceback
 from typing import Annotated, Iterator, Optional
 
 import typer
 from typer.core import TyperGroup
+from typer.exceptions import Abort, Exit, TyperException
 
 from unclip_cli.errors import UserError
 
 
+_ONE_LINE = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 13: "\\r", 9: "\\t"}  # control characters, escaped
+
+
 class _Group(TyperGroup):
-    """Turns a UserError anywhere below into one line on stderr and exit status 1."""
+    """The error boundary. Exit status: 1 a UserError (or out of memory), one line on stderr; 2 a usage
+    error (typer's); 3 an internal error, one line (the traceback with UNCLIP_DEBUG=1); 130 interrupted;
+    141 stdout closed early (`| head`), quietly."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (TyperException, Exit, Abort):
+            raise
         except UserError as e:
-            typer.echo(f"unclip: error: {e}", err=True)
+            typer.echo(f"unclip: error: {str(e).translate(_ONE_LINE)}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("unclip: interrupted", err=True)
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            with contextlib.suppress(Exception):  # the reader has gone: nothing more is flushed to stdout
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
+        except Exception as e:
+            if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch's CUDA/MPS one too
+                typer.echo("unclip: error: out of memory (try a smaller --size, fewer prompts, or --device cpu)", err=True)
+                raise typer.Exit(1) from None
+            if os.environ.get("UNCLIP_DEBUG", "") not in ("", "0"):
+                traceback.print_exc()
+            first = (str(e).splitlines() or [""])[0].translate(_ONE_LINE)
+            typer.echo(f"unclip: internal error: {type(e).__name__}{': ' + first if first else ''}"
+                       " (set UNCLIP_DEBUG=1 for the traceback)", err=True)
+            raise typer.Exit(3) from None
 
 
 app = typer.Typer(

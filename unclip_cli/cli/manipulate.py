@@ -181,27 +181,33 @@ def interpolate(
 
 
 def frames_kind(output: str | None) -> str:
+    """What -o names: a folder of frames ("dir"), a .gif, or a .png strip; a file output is checked
+    (see io.check_output) before any work."""
+    from unclip_cli.io import check_output, show
+
     if output and (output.endswith("/") or Path(output).is_dir()):
-        return "dir"
-    if output and output.lower().endswith(".gif"):
-        return "gif"
-    if output and not output.lower().endswith(".png") and output != "-":
-        raise UserError(f"{output}: -o takes a .png (strip), a .gif, or a folder ending in /")
-    return "strip"
+        kind = "dir"
+    elif output and output.lower().endswith(".gif"):
+        kind = "gif"
+    elif output and not output.lower().endswith(".png") and output != "-":
+        raise UserError(f"{show(output)}: -o takes a .png (strip), a .gif, or a folder ending in /")
+    else:
+        return "strip"  # checked by stdout_target
+    folder = Path(output)
+    check_output(folder / "frame-000.png" if kind == "dir" and folder.is_dir() else folder)
+    return kind
 
 
 def write_frames(pil, target, kind) -> None:
+    """Frames to a folder (frame-000.png...: all or nothing), an animated GIF, or one PNG strip."""
     import io as _io
 
     from PIL import Image
 
-    from unclip_cli.io import emit, png_bytes
+    from unclip_cli.io import emit, png_bytes, write_folder
 
     if kind == "dir":
-        folder = Path(target)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, img in enumerate(pil):
-            emit(png_bytes(img), str(folder / f"frame-{i:03d}.png"))
+        write_folder(target, {f"frame-{i:03d}.png": png_bytes(img) for i, img in enumerate(pil)})
     elif kind == "gif":
         buf = _io.BytesIO()
         pil[0].save(buf, format="GIF", save_all=True, append_images=pil[1:], duration=200, loop=0)

@@ -207,7 +207,7 @@ def generate(
         check_min(name, v, 2)
     if not prompts:
         raise UserError("no prompt given")
-    target = stdout_target(output)
+    target = stdout_target(output, len(prompts))
     pipe = open_pipeline(model, device)
     ups = {"upsampler-256": upsampler_256_steps or upsampler_steps, "upsampler-1024": upsampler_1024_steps or upsampler_steps}
     with progress(quiet) as cb:
