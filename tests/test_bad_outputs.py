@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -22,30 +21,36 @@ def _not_run(*args, **kwargs):
     raise AssertionError("the work started although the output cannot be written")
 
 
-def _read_only(tmp_path: Path) -> Path:
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder nobody may write in: chmod 0o555, or, as root (who may), a read-only tmpfs mounted on it."""
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o555)
-    if os.access(folder, os.W_OK):
-        folder.chmod(0o755)
-        pytest.skip("running as root: a 0o555 folder is still writable")
-    return folder
+    if not os.access(folder, os.W_OK):
+        yield folder
+        return
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=16k", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"running as root makes a 0o555 folder writable, and no read-only tmpfs: {mount.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
 
 
 # (case, output path under tmp_path, words the error line must hold)
 CASES = [
-    ("an existing folder", lambda t: t, "is a folder"),
-    ("a missing parent folder", lambda t: t / "missing" / "x.png", "does not exist"),
-    ("a read-only folder", lambda t: _read_only(t) / "x.png", "not writable"),
-    ("a name too long", lambda t: t / ("x" * 300 + ".png"), "too long"),
-    ("a path with a newline", lambda t: t / "a\nb" / "x.png", "a\\nb"),
+    ("an existing folder", lambda t, ro: t, "is a folder"),
+    ("a missing parent folder", lambda t, ro: t / "missing" / "x.png", "does not exist"),
+    ("a read-only folder", lambda t, ro: ro() / "x.png", "not writable"),
+    ("a name too long", lambda t, ro: t / ("x" * 300 + ".png"), "too long"),
+    ("a path with a newline", lambda t, ro: t / "a\nb" / "x.png", "a\\nb"),
 ]
 
 
 @pytest.mark.parametrize("case,make,mentions", CASES, ids=[c[0] for c in CASES])
-def test_unwritable_output_is_refused_before_the_work(cli, tiny_set, tmp_path, monkeypatch, case, make, mentions):
+def test_unwritable_output_is_refused_before_the_work(cli, tiny_set, tmp_path, monkeypatch, request, case, make, mentions):
     monkeypatch.setattr(Pipeline, "generate", _not_run)
-    out = make(tmp_path)
+    out = make(tmp_path, lambda: request.getfixturevalue("read_only"))
     run = cli("generate", "a red circle", "-q", "-m", tiny_set, "-o", out)
     assert_user_error(run, mentions=mentions)
     assert run.code == 1
@@ -113,6 +118,13 @@ def test_disk_full_is_one_line_and_leaves_no_temporary_file(cli, tiny_set, tmp_p
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_new_folder_in_a_read_only_folder_is_one_line(read_only):
+    parent = read_only
+    with pytest.raises(outputs.UserError, match="cannot write"):
+        with outputs.new_folder(parent / "set"):
+            raise AssertionError("the block ran although the folder cannot be made")
 
 
 # ---------------------------------------------------------------------- the error boundary

@@ -153,16 +153,22 @@ def new_folder(out: str | Path, refusal: str = "exists and is not an empty folde
     an empty folder (else a UserError: "OUT: " + refusal), and its parent must exist."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: {refusal}")
+        raise UserError(f"{show(out)}: {refusal}")
     parent = out.resolve().parent
     if not parent.is_dir():
-        raise UserError(f"{parent}: folder does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+        raise UserError(f"{show(parent)}: folder does not exist")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:200]}.", dir=parent))
+    except OSError as e:
+        raise _cannot_write(out, e) from None
     try:
         yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        try:
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except OSError as e:
+            raise _cannot_write(out, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
