@@ -119,7 +119,7 @@ def vary_cmd(
     check_min("--steps", steps, 2)
     if eta < 0:
         raise UserError("--eta must be >= 0")
-    target = stdout_target(output)
+    target = stdout_target(output, n)
     pipe = open_pipeline(model, device)
     with progress(quiet) as cb:
         images = pipe.vary(_item(source or "-"), n=n, eta=eta, fresh_noise=fresh_noise, steps=steps, guidance=guidance,

@@ -113,7 +113,7 @@ def decode(
     stage = read_stage(source, "an image-embedding file")
     if stage.kind == "text":
         raise UserError("decode reads image embeddings: run `unclip prior` on text conditioning first")
-    target = stdout_target(output)
+    target = stdout_target(output, stage.main.shape[0] if stage.main.ndim > 1 else 1)
     pipe = open_pipeline(model, device)
     pipe.check_stage(stage, source or "<stdin>")
     with progress(quiet) as cb:
@@ -142,7 +142,7 @@ def upsample(
 
     check_min("--steps", steps, 2)
     items = read_images([source] if source else None, "a 64px or 256px PNG")
-    target = stdout_target(output)
+    target = stdout_target(output, len(items))
     sizes = {img.size for img, _ in items}
     if len(sizes) != 1:
         raise UserError(f"images of different sizes {sorted(sizes)}: upsample one size at a time")
