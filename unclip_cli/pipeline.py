@@ -105,13 +105,8 @@ class Pipeline(EditMixin):
         steps within the component's training chain, finite guidance, the AR prior's ranges."""
         merged = self.models.sampling(component)
         merged.update({k: v for k, v in given.items() if v is not None})
-        if "steps" in merged:
-            chain = self.models.load_config(component).diffusion.num_timesteps
-            checks.steps(f"{component} steps", merged["steps"], chain)
-        checks.number(f"{component} guidance", merged.get("guidance"))
-        checks.number(f"{component} temperature", merged.get("temperature"), above=0)
-        checks.number(f"{component} top_p", merged.get("top_p"), above=0, high=1)
-        checks.number(f"{component} similarity_percentile", merged.get("similarity_percentile"), low=0, below=100)
+        chain = self.models.load_config(component).diffusion.num_timesteps if "steps" in merged else None
+        checks.sampling(merged, component, chain)
         return merged
 
     def _finite(self, x: torch.Tensor, stage: str) -> torch.Tensor:

@@ -110,7 +110,6 @@ class EditMixin:
         if refine < 0:
             raise UserError("refine must be >= 0")
         steps = steps or self.settings("decoder")["steps"]
-        self._check_decoder_settings(steps, guidance)
         embed, x_T, psnr = self.invert_tensors(images, steps=steps, guidance=guidance, refine=refine, callback=callback)
         record = self.record(stages=["invert"], images=list(names) if names else None, decoder_steps=steps,
                              decoder_guidance=guidance, reconstruction_psnr=psnr)

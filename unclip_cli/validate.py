@@ -24,6 +24,7 @@ import typing
 import numpy as np
 import torch
 
+from unclip_cli import checks
 from unclip_cli.errors import UserError
 
 DTYPE_SIZES = {
@@ -188,14 +189,6 @@ def max_pixels() -> int:
 
 # --------------------------------------------------------------------------- manifests and configs
 
-# sampling settings a manifest may give: a check and what it expects
-SAMPLING_RULES = {
-    "steps": (lambda v: _is_int(v) and v >= 2, "a whole number >= 2"),
-    "guidance": (lambda v: _is_number(v), "a finite number"),
-    "temperature": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "similarity_percentile": (lambda v: _is_number(v) and 0 <= v <= 100, "a number in [0, 100]"),
-}
 CLIP_FIELDS = ("embed_dim", "text_width", "context_length", "image_size")
 
 
@@ -226,10 +219,10 @@ def manifest(data: dict, path, components: tuple[str, ...]) -> None:
     for component, settings in sampling.items():
         if not isinstance(settings, dict):
             raise UserError(f"{where} (sampling.{component[:40]} is not an object)")
-        for key, value in settings.items():
-            rule = SAMPLING_RULES.get(key)
-            if rule is not None and not rule[0](value):
-                raise UserError(f"{where} (sampling.{component[:40]}.{key} must be {rule[1]}, got {str(value)[:40]})")
+        try:
+            checks.sampling(settings, f"sampling.{component[:40]}", sep=".")
+        except UserError as e:
+            raise UserError(f"{where} ({e})") from None
 
 
 def typed(tp, value, where: str, choices: dict[str, tuple]):

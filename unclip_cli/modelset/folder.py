@@ -123,7 +123,11 @@ class ModelSet:
     # ------------------------------------------------------------------ loading
 
     def load_config(self, component: str):
-        return read_component_config(self.require(component), component)
+        """A component's config (read and checked once per set)."""
+        key = (component, "config")
+        if key not in self._cache:
+            self._cache[key] = read_component_config(self.require(component), component)
+        return self._cache[key]
 
     def load(self, component: str, device: torch.device | str = "cpu") -> torch.nn.Module:
         """Build a component's network from its config and load its weights (cached per device)."""
