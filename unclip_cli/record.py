@@ -97,6 +97,8 @@ def command_line(record: dict, output: str) -> str:
         raise NotReproducible("it carries no unclip record")
     if made_from:
         raise NotReproducible(f"it was made by `unclip {made_from[0]}` from an input file the record does not hold")
+    if "array" in stages:
+        raise NotReproducible("it was decoded from a bare .npy embedding, which the record does not hold")
     if "prompts" not in record:
         raise NotReproducible("its record has no prompts")
     model = _model_args(record)
