@@ -167,3 +167,36 @@ def test_closed_stdout_exits_quietly(tiny_set):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) in (0, 141), err
     assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_eval_save_is_checked_before_the_work_and_all_or_nothing(cli, tiny_set, tmp_path, monkeypatch):
+    from unclip_cli.evaluate import report as report_mod
+
+    monkeypatch.setattr(report_mod, "run_eval", _not_run)
+    (tmp_path / "file").write_bytes(b"x")
+    assert_user_error(cli("eval", "-m", tiny_set, "-n", "1", "-q", "--save", tmp_path / "file"), mentions="not a folder")
+    assert_user_error(cli("eval", "-m", tiny_set, "-n", "1", "-q", "--save", tmp_path / "no" / "pics"), mentions="does not exist")
+    monkeypatch.undo()
+
+    def fail_late(pipe, judge, *, on_batch, **kwargs):  # one batch saved, then the run fails
+        import torch
+
+        on_batch(0, torch.zeros(2, 3, 64, 64), [None, None])
+        raise MemoryError
+
+    monkeypatch.setattr(report_mod, "run_eval", fail_late)
+    run = cli("eval", "-m", tiny_set, "-n", "4", "-q", "--save", tmp_path / "pics")
+    assert run.code == 1 and not (tmp_path / "pics").exists()
+
+
+def test_info_output_is_checked_before_reading(cli, tmp_path):
+    run = cli("info", tmp_path / "missing.npy", "-o", tmp_path)
+    assert_user_error(run, mentions="is a folder")
+
+
+def test_input_path_with_control_characters_is_quoted_in_its_message(cli, tiny_set, tmp_path):
+    bad = tmp_path / "a\nb.safetensors"
+    bad.write_bytes(b"not a stage file at all")
+    run = cli("decode", bad, "-m", tiny_set, "-q", "-o", tmp_path / "x.png")
+    assert_user_error(run, mentions="a\\nb.safetensors")
+    assert not (tmp_path / "x.png").exists()

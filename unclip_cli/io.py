@@ -25,7 +25,8 @@ from PIL import Image, UnidentifiedImageError
 from unclip_cli import validate
 from unclip_cli.errors import UserError
 from unclip_cli.outputs import (  # noqa: F401 (the write side, re-exported: callers look for files and pipes here)
-    atomic_file, atomic_write, check_output, emit, new_folder, numbered, show, stdout_target, write_all, write_folder,
+    atomic_file, atomic_write, check_output, check_output_folder, emit, new_folder, numbered, show, stdout_target,
+    write_all, write_folder,
 )
 
 STAGE_FORMAT = "unclip-stage"
@@ -77,15 +78,15 @@ def read_input(source: str | None, what: str) -> tuple[bytes, str]:
         if not data:
             raise UserError(f"empty stdin: expected {what}")
         return data, "<stdin>"
-    path = Path(source)
+    path, name = Path(source), show(source)  # the name messages print: one line whatever the path holds
     if not path.exists():
-        raise UserError(f"{source}: no such file")
+        raise UserError(f"{name}: no such file")
     if path.is_dir():
-        raise UserError(f"{source}: is a folder, expected {what}")
+        raise UserError(f"{name}: is a folder, expected {what}")
     data = path.read_bytes()
     if not data:
-        raise UserError(f"{source}: empty file")
-    return data, source
+        raise UserError(f"{name}: empty file")
+    return data, name
 
 
 def read_json_object(path: str | Path, what: str = "JSON file") -> dict:

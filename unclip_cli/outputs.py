@@ -51,6 +51,19 @@ def check_output(path: str | Path, count: int = 1) -> None:
         raise UserError(f"{show(path)}: cannot write (folder {show(folder)} is not writable)")
 
 
+def check_output_folder(folder: str | Path) -> None:
+    """Refuse, before any work, a folder that write_folder could not fill: a file of that name, a
+    missing parent, or a folder (or parent, when it is to be made) that is not writable."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{show(folder)}: exists and is not a folder")
+    where = folder if folder.is_dir() else folder.parent
+    if not where.is_dir():
+        raise UserError(f"{show(folder)}: folder {show(where)} does not exist")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UserError(f"{show(folder)}: cannot write (folder {show(where)} is not writable)")
+
+
 def stdout_target(output: str | None, count: int = 1) -> str | None:
     """Where a result goes: a path (checked with check_output, for `count` files), or None for stdout
     ('-' or no -o). Refuses to write binary to a terminal."""

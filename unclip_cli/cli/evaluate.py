@@ -43,30 +43,29 @@ def evaluate(
         return
     from unclip_cli.evaluate.judge import Judge
     from unclip_cli.evaluate.report import format_table, json_safe, run_eval
-    from unclip_cli.io import atomic_write, emit, png_bytes, tensor_to_images
+    from unclip_cli.io import check_output_folder, emit, png_bytes, tensor_to_images, write_folder
 
     check_min("--count", count)
     check_min("--batch-size", batch_size)
     check_min("--upsample-count", upsample_count)
     check_min("--seed", seed, 0)
     folder = Path(save) if save else None
-    if folder is not None and folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: exists and is not a folder")
+    if folder is not None:
+        check_output_folder(folder)
     from unclip_cli.pipeline import PRIOR_KINDS
 
     judge = Judge.load(judge_dir)
     pipe = open_pipeline(model, device)
     for component in ("clip", PRIOR_KINDS[pipe.prior_kind(prior_kind)], "decoder"):
         pipe.models.require(component)
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
+    saved: dict[str, bytes] = {}  # written all at once at the end: a failed run leaves no images
 
     with progress(quiet) as cb:
 
         def on_batch(start, images, verdicts):
             if folder is not None:
                 for i, img in enumerate(tensor_to_images(images), start):
-                    atomic_write(folder / f"{i:03d}.png", png_bytes(img))
+                    saved[f"{i:03d}.png"] = png_bytes(img)
             if cb:
                 cb("eval", start + len(verdicts) - 1, count)
 
@@ -74,6 +73,8 @@ def evaluate(
             pipe, judge, count=count, seed=seed, batch_size=batch_size,
             upsample=min(upsample_count, count) if upsamplers else 0, prior_kind=prior_kind, on_batch=on_batch,
         )
+    if folder is not None:
+        write_folder(folder, saved)
     if json_out is not None:
         text = json.dumps(json_safe(report), indent=2) + "\n"
         emit(text.encode(), None if json_out == "-" else json_out)

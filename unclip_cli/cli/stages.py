@@ -227,8 +227,10 @@ def info(
 ) -> None:
     """Print a human-readable summary of a stage file, image or model set (--command: how to remake an image)."""
     from unclip_cli.info import describe, remake_command
-    from unclip_cli.io import emit
+    from unclip_cli.io import check_output, emit
 
+    if output is not None and output != "-":
+        check_output(output)  # before reading the input, which may be stdin
     text = (remake_command(path) if command else "\n".join(describe(path))) + "\n"
     if output is None or output == "-":
         typer.echo(text, nl=False)
