@@ -154,7 +154,7 @@ class FolderSource(_FileSource):
         self.root = Path(root)
         self.name = name or str(root)
         self.items: list[tuple[Path, Path]] = []  # (image, caption), sorted by path
-        for image in _walk_images(self.root) if images is None else images:
+        for image in walk_images(self.root) if images is None else images:
             caption = image.with_suffix(".txt")
             if not caption.is_file():
                 raise UserError(f"{image}: image without a caption ({caption.name} missing)")
@@ -180,7 +180,8 @@ class FolderSource(_FileSource):
             raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def _walk_images(root: Path) -> list[Path]:
+def walk_images(root: Path) -> list[Path]:
+    """Image files (IMAGE_EXTS) anywhere under root, hidden files and folders skipped, sorted by relative path."""
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -190,7 +191,8 @@ def _walk_images(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _walk_tars(root: Path) -> list[Path]:
+def walk_tars(root: Path) -> list[Path]:
+    """.tar files anywhere under root, hidden ones skipped, sorted."""
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -322,10 +324,10 @@ def open_source(src: str, seed: int = 0) -> ImageTextSource:
         return TarSource([path], src)
     if not path.is_dir():
         raise UserError(f"{src}: no such folder or file")
-    images = _walk_images(path)
+    images = walk_images(path)
     if images:
         return FolderSource(path, src, images)
-    shards = _walk_tars(path)
+    shards = walk_tars(path)
     if shards:
         return TarSource(shards, src)
     raise UserError(f"{src}: no images found (jpg, jpeg, png, webp with .txt captions) and no .tar shards")
