@@ -25,6 +25,7 @@ class DecoderCond:
     context: torch.Tensor  # (B, n + L, context_dim): [extra tokens, projected text tokens]
     context_mask: torch.Tensor  # (B, n + L) bool, True = attend
     emb_add: torch.Tensor  # (B, time_embed_dim), added to the timestep embedding
+    attend_all: bool = False  # no padded context token: the UNet runs without a mask (SDPA's mask-free kernels)
 
 
 class TextProjection(nn.Module):
@@ -73,7 +74,8 @@ class Decoder(nn.Module):
         """image_embed (B, D), text_embed (B, D), text_hidden (B, L, text_width), text_mask (B, L) bool."""
         context, emb_add = self.text_proj(image_embed, text_embed, text_hidden)
         mask = F.pad(text_mask.bool(), (self.cfg.num_extra_tokens, 0), value=True)  # (B, n + L)
-        return DecoderCond(context=context, context_mask=mask, emb_add=emb_add)
+        return DecoderCond(context=context, context_mask=mask, emb_add=emb_add, attend_all=bool(mask.all()))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: DecoderCond) -> torch.Tensor:
-        return self.unet(x_t, t, emb_add=cond.emb_add, context=cond.context, context_mask=cond.context_mask)
+        mask = None if cond.attend_all else cond.context_mask  # the same bits on the CPU (tests/test_lean_networks.py)
+        return self.unet(x_t, t, emb_add=cond.emb_add, context=cond.context, context_mask=mask)

@@ -10,6 +10,8 @@ additive -10000 masks (causal, plus padded text-token columns).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,14 @@ from unclip_cli.models.nn import TimeEmbed
 
 MASK_VALUE = -10000.0  # additive attention bias for masked positions (diffusers / Karlo)
 NUM_EXTRA_TOKENS = 4  # text embedding, time embedding, x_t, final token
+
+
+@dataclass
+class PriorPrefix:
+    """The caption's keys and values at every layer, computed once per sampling run (`DiffusionPrior.prefix`)."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per block: k, v (B, nh, L + 1, hd)
+    mask: torch.Tensor  # (B, 1, 3, T): the additive mask of the time, x_t and final tokens' rows
 
 
 class SelfAttention(nn.Module):
@@ -119,31 +129,61 @@ class DiffusionPrior(nn.Module):
     ) -> torch.Tensor:
         """x_t (B, D), t (B,), text_embed (B, D), text_hidden (B, L, text_width), text_mask (B, L) bool
         -> predicted x0 (B, D), normalized space."""
-        B, L, _ = text_hidden.shape
-        if L != self.cfg.num_text_tokens:
-            raise ValueError(f"prior expects {self.cfg.num_text_tokens} text tokens, got {L}")
-        dtype = x_t.dtype
-        tokens = torch.cat(
-            [
-                self.text_proj(text_hidden),  # (B, L, C)
-                self.text_embed_proj(text_embed)[:, None],  # (B, 1, C)
-                self.time_embed(t, dtype=dtype)[:, None],  # (B, 1, C)
-                self.x_proj(x_t)[:, None],  # (B, 1, C)
-                self.final_token.to(dtype).expand(B, -1, -1),  # (B, 1, C)
-            ],
-            dim=1,
-        )  # (B, T, C)
-        h = tokens + self.pos_embed.to(dtype)  # (B, T, C)
-
-        # additive mask: causal, plus masked key columns for padded text tokens
-        pad = (1 - text_mask.to(dtype)) * MASK_VALUE  # (B, L)
-        pad = F.pad(pad, (0, NUM_EXTRA_TOKENS), value=0.0)  # (B, T)
-        mask = (pad[:, None, :] + self.causal_mask.to(dtype))[:, None]  # (B, 1, T, T)
-
+        h = torch.cat([self._prefix_tokens(text_embed, text_hidden), self._step_tokens(x_t, t)], dim=1)  # (B, T, C)
+        mask = self._mask(text_mask, h.dtype)  # (B, 1, T, T)
         for block in self.blocks:
             h = block(h, mask)  # (B, T, C)
         h = self.ln_f(h)
         return self.out_proj(h[:, -1])  # (B, D)
+
+    @torch.no_grad()
+    def prefix(self, text_embed: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> PriorPrefix:
+        """The caption's L + 1 tokens never see x_t or t (causal mask): run them once per sampling run
+        and keep every layer's keys and values for `step`."""
+        h = self._prefix_tokens(text_embed, text_hidden)  # (B, P, C), P = L + 1
+        P = h.shape[1]
+        mask = self._mask(text_mask, h.dtype)  # (B, 1, T, T)
+        layers = [{} for _ in self.blocks]
+        prefix_mask = mask[:, :, :P, :P].contiguous()  # (B, 1, P, P)
+        for block, cache in zip(self.blocks, layers):
+            h = block(h, prefix_mask, cache)  # the prefix's output itself is never used, only its keys and values
+        return PriorPrefix(layers=[(c["k"], c["v"]) for c in layers], mask=mask[:, :, P:, :].contiguous())
+
+    def step(self, x_t: torch.Tensor, t: torch.Tensor, prefix: PriorPrefix) -> torch.Tensor:
+        """`forward` given the caption's cached keys and values: only the time, x_t and final tokens run.
+        x_t (B, D), t (B,) -> predicted x0 (B, D). Equal to `forward` up to float rounding."""
+        h = self._step_tokens(x_t, t)  # (B, 3, C)
+        for block, (k, v) in zip(self.blocks, prefix.layers):
+            h = block(h, prefix.mask, {"k": k, "v": v})  # a fresh dict: the cached prefix stays as it is
+        h = self.ln_f(h[:, -1])
+        return self.out_proj(h)  # (B, D)
+
+    def _prefix_tokens(self, text_embed: torch.Tensor, text_hidden: torch.Tensor) -> torch.Tensor:
+        """(B, D), (B, L, text_width) -> the caption's tokens with their positions (B, L + 1, C)."""
+        L = text_hidden.shape[1]
+        if L != self.cfg.num_text_tokens:
+            raise ValueError(f"prior expects {self.cfg.num_text_tokens} text tokens, got {L}")
+        tokens = torch.cat([self.text_proj(text_hidden), self.text_embed_proj(text_embed)[:, None]], dim=1)
+        return tokens + self.pos_embed[:, : L + 1].to(tokens.dtype)  # (B, L + 1, C)
+
+    def _step_tokens(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t (B, D), t (B,) -> [time, x_t, final] tokens with their positions (B, 3, C)."""
+        dtype = x_t.dtype
+        tokens = torch.cat(
+            [
+                self.time_embed(t, dtype=dtype)[:, None],  # (B, 1, C)
+                self.x_proj(x_t)[:, None],  # (B, 1, C)
+                self.final_token.to(dtype).expand(x_t.shape[0], -1, -1),  # (B, 1, C)
+            ],
+            dim=1,
+        )
+        return tokens + self.pos_embed[:, -3:].to(dtype)  # (B, 3, C)
+
+    def _mask(self, text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, L) bool -> additive mask (B, 1, T, T): causal, plus masked key columns for padded text tokens."""
+        pad = (1 - text_mask.to(dtype)) * MASK_VALUE  # (B, L)
+        pad = F.pad(pad, (0, NUM_EXTRA_TOKENS), value=0.0)  # (B, T)
+        return (pad[:, None, :] + self.causal_mask.to(dtype))[:, None]  # (B, 1, T, T)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP image embedding -> the prior's normalized space."""

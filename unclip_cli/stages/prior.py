@@ -29,7 +29,8 @@ def run_prior(
     guidance: a scale (the [uncond; cond] batch runs when it is not 1) or a `Guidance` that says
     whether it runs (`Guidance.diffusers_pair`, for Karlo parity).
     """
-    device = next(prior.parameters()).device
+    param = next(prior.parameters())
+    device, dtype = param.device, param.dtype
     batch = len(cond)
     guidance = Guidance.of(guidance)
     batched = guidance.batched  # run the [uncond; cond] batch
@@ -37,11 +38,17 @@ def run_prior(
     timesteps = respaced_timesteps(steps, diffusion.num_timesteps)
     cond = cond.to(device)
     both = TextCond.cat(null.to(device).expand(batch), cond) if batched else cond
+    # inputs in the network's precision, outputs back to float32: the sampler's state stays float32
+    embed, hidden = both.embed.to(dtype), both.hidden.to(dtype)
+    # The caption's keys and values are the same at every step: computed once, unless the network is
+    # float32, where the shorter matmuls change the last bits and Karlo parity (diffusers' full forward) rules.
+    prefix = prior.prefix(embed, hidden, both.mask) if dtype != torch.float32 else None
 
     def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-        x_in = torch.cat([x, x]) if batched else x
+        x_in = (torch.cat([x, x]) if batched else x).to(dtype)
         t_in = torch.full((x_in.shape[0],), t, dtype=torch.long, device=device)
-        out = prior(x_in, t_in, both.embed, both.hidden, both.mask)
+        out = prior(x_in, t_in, embed, hidden, both.mask) if prefix is None else prior.step(x_in, t_in, prefix)
+        out = out.float()  # (2B or B, D)
         return guidance.combine(*guidance.split(out)) if batched else out
 
     x_T = draw_noise((batch, prior.cfg.embed_dim), generator, device)
