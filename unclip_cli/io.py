@@ -127,13 +127,18 @@ def _safetensors_header(data: bytes, name: str) -> dict:
 def read_safetensors_header(path: str | Path) -> dict:
     """The JSON header of a safetensors file (names, dtypes, shapes, metadata) without reading the tensors."""
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UserError(f"{path}: truncated safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        raw = f.read(min(n, 100_000_001))
-        size = os.fstat(f.fileno()).st_size
-    return _header_json(n, raw, str(path), size - 8 - n)
+        return _read_header(f, str(path))[0]
+
+
+def _read_header(f, name: str) -> tuple[dict, int]:
+    """(the checked header, where the tensor data starts) of the safetensors file open as `f`."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise UserError(f"{name}: truncated safetensors file")
+    (n,) = struct.unpack("<Q", head)
+    raw = f.read(min(n, 100_000_001))
+    size = os.fstat(f.fileno()).st_size
+    return _header_json(n, raw, name, size - 8 - n), 8 + n
 
 
 def load_safetensors_bytes(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -154,16 +159,20 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], meta: dict[str, str]) ->
     return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load weights safely: safetensors, else torch.load(weights_only=True). Never unpickles arbitrary data."""
+def load_state_dict(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | dict[str, torch.dtype] | None = None
+) -> dict[str, torch.Tensor]:
+    """Load weights safely: safetensors, else torch.load(weights_only=True). Never unpickles arbitrary data.
+
+    A safetensors file is read tensor by tensor onto `device`, floating tensors cast to `dtype` (one
+    for all, or {name: dtype}; None keeps the file's): no second copy of the weights is ever held."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: weights file missing")
     if path.suffix == ".safetensors":
-        tensors, _ = load_safetensors_bytes(path.read_bytes(), str(path))
-        return tensors
+        return _read_tensors(path, torch.device(device), dtype)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise UserError(f"{path}: cannot load weights ({type(e).__name__}: {e})".splitlines()[0]) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -171,6 +180,43 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a state dict")
     return state
+
+
+# safetensors dtype names -> torch dtypes (those this torch has)
+_TORCH_DTYPES = {
+    k: getattr(torch, v) for k, v in {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
+        "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    }.items() if hasattr(torch, v)
+}
+
+
+def _read_tensors(path: Path, device: torch.device, dtype) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, each read from disk into its own CPU tensor (the final one when
+    neither device nor dtype changes it), then moved and cast alone: peak memory is the result plus
+    the largest tensor."""
+    out = {}
+    with open(path, "rb", buffering=0) as f:
+        header, start = _read_header(f, str(path))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if entry["dtype"] not in _TORCH_DTYPES or sys.byteorder != "little":
+                raise UserError(f"{path}: tensor {name[:60]!r} of dtype {entry['dtype']}, which this torch cannot read")
+            t = torch.empty(entry["shape"], dtype=_TORCH_DTYPES[entry["dtype"]])
+            begin, end = entry["data_offsets"]
+            f.seek(start + begin)
+            buf, done = memoryview(t.reshape(-1).view(torch.uint8).numpy()), 0
+            while done < end - begin:
+                got = f.readinto(buf[done:])
+                if not got:
+                    raise UserError(f"{path}: truncated safetensors file")
+                done += got
+            want = dtype.get(name) if isinstance(dtype, dict) else dtype
+            out[name] = t.to(device, want if want is not None and t.is_floating_point() else t.dtype)
+            del t, buf
+    return out
 
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:

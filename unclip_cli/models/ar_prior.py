@@ -53,7 +53,7 @@ class ARPrior(nn.Module):
         self.bucket_edges = _frozen(D, cfg.num_buckets - 1)  # per coordinate (rows >= K unused)
         self.bucket_centres = _frozen(D, cfg.num_buckets)
         self.sim_edges = _frozen(cfg.num_sim_buckets - 1)
-        causal = torch.full((L + PREFIX_EXTRA + D,) * 2, MASK_VALUE).triu_(1)
+        causal = torch.full((L + PREFIX_EXTRA + D,) * 2, MASK_VALUE, device="cpu").triu_(1)  # real in a meta build
         self.register_buffer("causal_mask", causal, persistent=False)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):

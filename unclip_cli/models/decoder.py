@@ -36,7 +36,8 @@ class TextProjection(nn.Module):
         D, C, E = cfg.clip_embed_dim, cfg.unet.context_dim, cfg.unet.time_embed_dim
         assert C is not None and cfg.unet.add_embed, "the decoder UNet needs context_dim and add_embed"
         self.num_extra_tokens = cfg.num_extra_tokens
-        self.null_image_embed = nn.Parameter(torch.randn(D) / D**0.5)  # learned unconditional image embedding
+        null = nn.init.normal_(torch.empty(D))  # randn's draws; a meta build skips the scaling (it imports torch._dynamo)
+        self.null_image_embed = nn.Parameter(null if null.is_meta else null / D**0.5)  # learned unconditional image embedding
         self.image_to_emb = nn.Linear(D, E)
         self.text_to_emb = nn.Linear(D, E)
         self.image_to_tokens = nn.Linear(D, cfg.num_extra_tokens * C)

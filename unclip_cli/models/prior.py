@@ -107,7 +107,7 @@ class DiffusionPrior(nn.Module):
         # space). Data, not learned: loaded with the weights, excluded from gradient updates.
         self.clip_mean = nn.Parameter(torch.zeros(1, D), requires_grad=False)
         self.clip_std = nn.Parameter(torch.ones(1, D), requires_grad=False)
-        causal = torch.full((T, T), MASK_VALUE).triu_(1)  # (T, T): -10000 above the diagonal
+        causal = torch.full((T, T), MASK_VALUE, device="cpu").triu_(1)  # (T, T): -10000 above the diagonal; real in a meta build
         self.register_buffer("causal_mask", causal, persistent=False)
         self._init_weights()
 

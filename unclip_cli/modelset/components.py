@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -49,6 +51,29 @@ def build_component(component: str, cfg) -> torch.nn.Module:
 
         return Upsampler(cfg)
     raise ValueError(f"unknown component {component}")
+
+
+@contextlib.contextmanager
+def no_init() -> Iterator[None]:
+    """Networks built inside skip their random initialization (torch.nn.init's fills do nothing): for
+    builds whose parameters are loaded next, or that only need shapes (on the meta device, where the
+    fills would cost seconds, importing torch._dynamo)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
+def empty_component(component: str, cfg) -> torch.nn.Module:
+    """build_component on the meta device, uninitialized: shapes only, nothing allocated (the
+    attention masks, built on the CPU, excepted); fill it with load_state_dict(..., assign=True)."""
+    with no_init(), torch.device("meta"):
+        return build_component(component, cfg)
 
 
 def seeded_component(component: str, cfg, seed: int, index: int) -> torch.nn.Module:

@@ -8,7 +8,6 @@ Layout of a set:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,7 @@ import torch
 from unclip_cli import validate
 from unclip_cli.errors import UserError
 from unclip_cli.io import atomic_write, load_state_dict, read_safetensors_header
-from unclip_cli.models.configs import config_to_dict
-from unclip_cli.modelset.components import WEIGHTS, build_component, read_component_config
+from unclip_cli.modelset.components import WEIGHTS, empty_component, read_component_config
 from unclip_cli.modelset.manifest import MANIFEST, component_sampling, read_manifest
 
 ENV_VAR = "UNCLIP_MODEL"
@@ -129,9 +127,16 @@ class ModelSet:
             self._cache[key] = read_component_config(self.require(component), component)
         return self._cache[key]
 
-    def load(self, component: str, device: torch.device | str = "cpu") -> torch.nn.Module:
-        """Build a component's network from its config and load its weights (cached per device)."""
-        key = (component, str(device))
+    def load(self, component: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """A component's network on `device`, its learned parameters in `dtype` (cached per device and dtype).
+
+        Built on the meta device without initializing it, its shapes checked against the weights
+        file's header (a config that does not fit is refused before anything is allocated), then the
+        weights are read tensor by tensor straight onto the device, cast once here. Frozen parameters
+        (data statistics: the prior's clip_mean / clip_std, the AR prior's PCA and buckets) and buffers
+        stay float32; so does CLIP."""
+        dtype = torch.float32 if component == "clip" else dtype
+        key = (component, str(device), dtype)
         if key in self._cache:
             return self._cache[key]
         if component == "clip":
@@ -145,32 +150,32 @@ class ModelSet:
             except Exception as e:
                 raise UserError(f"{folder}: cannot load CLIP ({str(e).splitlines()[0]})") from None
         else:
-            cfg = self.load_config(component)
-            weights = self.path / component / WEIGHTS
-            if not weights.is_file():
-                raise UserError(f"{weights}: weights file missing")
-            header = read_safetensors_header(weights)
-            if (header.get("__metadata__") or {}).get("config") != json.dumps(config_to_dict(cfg)):
-                self._check_fit(component, cfg, header)  # weights saved with another config (or none)
-            module = build_component(component, cfg)
-            state = load_state_dict(weights)
+            module = self._empty_fitting(component)
+            dtypes = {name: dtype if p.requires_grad else torch.float32 for name, p in module.named_parameters()}
+            state = load_state_dict(self.path / component / WEIGHTS, device, dtypes)
             try:
-                module.load_state_dict(state, strict=True)
+                module.load_state_dict(state, strict=True, assign=True)
             except RuntimeError as e:
                 raise UserError(f"{self.path / component}: weights do not fit its config ({_first_line(e)})") from None
-            module.eval().to(device)
+            module.eval().to(device)  # the non-persistent buffers (attention masks), built on the CPU
         self._cache[key] = module
         return module
 
-    def _check_fit(self, component: str, cfg, header: dict) -> None:
-        """Refuse weights whose tensors are not the config's network's, comparing the shapes of a
-        build on the meta device (nothing allocated) with the weights file's header."""
+    def _empty_fitting(self, component: str) -> torch.nn.Module:
+        """The component's network on the meta device (nothing allocated), refused unless its parameter
+        shapes are the weights file's: a config far larger than its weights fails here, in milliseconds."""
+        cfg = self.load_config(component)
+        weights = self.path / component / WEIGHTS
+        if not weights.is_file():
+            raise UserError(f"{weights}: weights file missing")
+        header = read_safetensors_header(weights)
         try:
-            with torch.device("meta"):
-                expected = {k: tuple(v.shape) for k, v in build_component(component, cfg).state_dict().items()}
+            module = empty_component(component, cfg)
         except Exception as e:
             raise UserError(f"{self.path / component}: its config does not make a network ({_first_line(e)})") from None
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         validate.weights_fit(expected, header, str(self.path / component))
+        return module
 
 
 def _first_line(e: Exception) -> str:
