@@ -362,7 +362,8 @@ def test_other_text_towers_use_open_clip(tmp_path, change):
 
 
 def test_light_tower_reads_only_text_tensors(tmp_path):
-    """A vision tensor the text does not need may be anything; a missing text tensor falls back."""
+    """The text tower loads without the vision tensors; a missing text tensor makes it fall back, and
+    the folder is then refused (naming the tensor) before anything is built."""
     from safetensors.torch import load_file, save_file
 
     from unclip_cli.models.clip_text import load_text_tower
@@ -373,5 +374,83 @@ def test_light_tower_reads_only_text_tensors(tmp_path):
     del state["ln_final.bias"]
     save_file(state, tmp_path / "open_clip_model.safetensors")
     assert load_text_tower(tmp_path, TINY_CLIP_CONFIG, torch.device("cpu")) is None
-    with pytest.raises(RuntimeError, match="ln_final.bias"):  # open_clip's loader then names it
+    with pytest.raises(UserError, match="missing .ln_final.bias"):
         ClipEncoder.load(tmp_path)
+    state = {k: v for k, v in load_file(tmp_path / "open_clip_model.safetensors").items() if not k.startswith("visual.")}
+    save_file({**state, "ln_final.bias": torch.zeros(48)}, tmp_path / "open_clip_model.safetensors")
+    assert load_text_tower(tmp_path, TINY_CLIP_CONFIG, torch.device("cpu")) is not None
+
+
+# --------------------------------------------------------------------------- vision tower without open_clip
+
+
+def _vision(**change) -> dict:
+    return {**TINY_CLIP_CONFIG, "vision_cfg": {**TINY_CLIP_CONFIG["vision_cfg"], **change}}
+
+
+LIGHT_VISION = {
+    "tiny": TINY_CLIP_CONFIG,
+    "gelu": {**TINY_CLIP_CONFIG, "quick_gelu": False},
+    "mlp3-heads4-list-size": _vision(mlp_ratio=3.0, head_width=16, image_size=[40, 40], patch_size=5),
+    "odd-size": _vision(image_size=36, patch_size=8, layers=1),  # open_clip's grid floors 36 / 8
+}
+PREPROCESS = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25], "interpolation": "bilinear", "resize_mode": "squash"}
+
+
+@pytest.mark.parametrize("name", sorted(LIGHT_VISION))
+def test_light_vision_tower_matches_open_clip(tmp_path, name):
+    from unclip_cli.models.clip_vision import VisionTower
+
+    write_clip_dir(tmp_path, LIGHT_VISION[name], seed=8)
+    light, full = ClipEncoder.load(tmp_path), ClipEncoder.load(tmp_path)
+    emb = light.encode_image(_images())
+    assert isinstance(light._vision, VisionTower) and light._model is None
+    assert light.preprocess_cfg == open_clip.get_model_preprocess_cfg(full.model)
+    assert torch.equal(emb, full.encode_image(_images()))  # the same forward over open_clip's modules
+    ref = full.model.encode_image(full.preprocess(_images()), normalize=False)  # open_clip's own forward
+    torch.testing.assert_close(emb, ref, atol=1e-6, rtol=0)
+    assert emb.shape == (4, 32) and not torch.allclose(emb[0], emb[1])
+
+
+def test_light_preprocess_settings_are_open_clips(tmp_path):
+    write_clip_dir(tmp_path, TINY_CLIP_CONFIG, PREPROCESS, seed=9)
+    light, full = ClipEncoder.load(tmp_path), ClipEncoder.load(tmp_path)
+    assert light.preprocess_cfg == open_clip.get_model_preprocess_cfg(full.model)
+    assert light.preprocess_cfg["interpolation"] == "bilinear" and light.image_size == 32
+    images = [im.convert("RGB") for im in _images()]
+    ref_tf = open_clip.image_transform(32, is_train=False, **{k: PREPROCESS[k] for k in ("mean", "std", "interpolation", "resize_mode")})
+    torch.testing.assert_close(light.preprocess(images), torch.stack([ref_tf(im) for im in images]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(light.encode_image(images), full.model.encode_image(full.preprocess(images)), atol=1e-6, rtol=0)
+    assert light._model is None
+
+
+@pytest.mark.parametrize("change", [
+    {"ls_init_value": 0.1}, {"pool_type": "avg"}, {"no_ln_pre": True}, {"final_ln_after_pool": True},
+    {"layers": [1, 1, 1, 1], "width": 8, "head_width": 8},  # ModifiedResNet
+])
+def test_other_vision_towers_use_open_clip(tmp_path, change):
+    write_clip_dir(tmp_path, _vision(**change), seed=10)
+    enc = ClipEncoder.load(tmp_path)
+    assert enc._model is None  # the text tower is still the light one
+    emb = enc.encode_image(_images())
+    assert enc._model is not None and enc._vision is None
+    torch.testing.assert_close(emb, enc.model.encode_image(enc.preprocess(_images())), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("change", [
+    {"vision_cfg": {**TINY_CLIP_CONFIG["vision_cfg"], "width": 96}},
+    {"vision_cfg": {**TINY_CLIP_CONFIG["vision_cfg"], "layers": 3}},
+    {"vision_cfg": {**TINY_CLIP_CONFIG["vision_cfg"], "image_size": 64}},
+    {"text_cfg": {**TINY_CLIP_CONFIG["text_cfg"], "width": 64}},
+    {"embed_dim": 16},
+    # a config that would build ~40 GB of parameters: refused from the header, before any allocation
+    {"text_cfg": {**TINY_CLIP_CONFIG["text_cfg"], "width": 16384, "layers": 12, "heads": 16}},
+])
+def test_config_that_does_not_fit_its_weights_is_refused(tmp_path, change):
+    write_clip_dir(tmp_path, TINY_CLIP_CONFIG, seed=11)
+    config = json.loads((tmp_path / "open_clip_config.json").read_text())
+    config["model_cfg"] = {**config["model_cfg"], **change}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=f"^{tmp_path}: weights do not fit its config: tensors") as e:
+        ClipEncoder.load(tmp_path)
+    assert "\n" not in str(e.value)

@@ -26,22 +26,28 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
+from .. import validate
 from ..errors import UserError
-from ..io import save_weights
-from .clip_text import CONFIG_NAME, WEIGHTS_NAME, TextTower, TextBlocks, load_text_tower, load_tokenizer
+from ..io import read_safetensors_header, save_weights
+from .clip_text import CONFIG_NAME, WEIGHTS_NAME, Blocks, TextTower, load_text_tower, load_tokenizer, plain_text_config
+from .clip_vision import (  # noqa: F401 (OPENAI_DATASET_*: re-exported)
+    OPENAI_DATASET_MEAN,
+    OPENAI_DATASET_STD,
+    PREFIX as VISION_PREFIX,
+    ImagePreprocess,
+    VisionTower,
+    load_vision_tower,
+    plain_vision_config,
+    preprocess_config,
+)
 
-# open_clip itself is imported where a full model is built (see clip_text.py for why): the text-only
-# commands run on clip_text's tower and never import it.
-
-# OpenAI CLIP's pixel statistics (open_clip.constants.OPENAI_DATASET_MEAN / _STD)
-OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
+# open_clip itself is imported where a full model is built (see clip_text.py for why): for the
+# towers that clip_text.py and clip_vision.py build, the stage commands never import it.
 # Top-level key of open_clip_config.json marking a placeholder vision tower (convert/diffusers_clip.py
 # writes one for snapshots without an image encoder); open_clip itself ignores it.
 VISION_PLACEHOLDER_KEY = "vision_placeholder"
@@ -53,8 +59,6 @@ DEFAULT_PREPROCESS_CFG: dict = {
     "interpolation": "bicubic",
     "resize_mode": "shortest",
 }
-
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "random": Image.BICUBIC}
 
 
 def _create(path: Path, load_weights: bool) -> nn.Module:
@@ -102,34 +106,49 @@ def write_clip_dir(out_dir: Path, model_cfg: dict, preprocess_cfg: dict | None =
     save_weights(out_dir / WEIGHTS_NAME, model.state_dict(), {"format": "pt", "open_clip_config": text})
 
 
-def _square_size(size) -> int:
-    if isinstance(size, (tuple, list)):
-        if len(size) != 2 or size[0] != size[1]:
-            raise ValueError(f"only square CLIP image sizes are supported, got {tuple(size)}")
-        size = size[0]
-    return int(size)
+def check_fit(folder: Path, config: dict) -> None:
+    """Refuse a config whose towers are not the weights' (another width, depth or size): the shapes of
+    the towers that clip_text.py and clip_vision.py build, made on the meta device (nothing is
+    allocated), against `open_clip_model.safetensors`'s header. Other tensors are open_clip's to check."""
+    weights = Path(folder) / WEIGHTS_NAME
+    model_cfg = config.get("model_cfg")
+    towers = [(plain_text_config(model_cfg), TextTower, ""), (plain_vision_config(model_cfg), VisionTower, VISION_PREFIX)]
+    expected: dict[str, tuple[int, ...]] = {}
+    with torch.device("meta"):
+        for cfg, tower, prefix in towers:
+            if cfg is not None:
+                expected.update({prefix + k: tuple(v.shape) for k, v in tower(cfg).state_dict().items()})
+    if not expected or not weights.is_file():  # .bin / .pth: open_clip's loader checks them
+        return
+    header = read_safetensors_header(weights)
+    validate.weights_fit(expected, {k: v for k, v in header.items() if k in expected}, str(folder))
 
 
 class ClipEncoder:
-    """A frozen open_clip model with the text outputs unCLIP needs.
+    """A frozen open_clip model with the text and image outputs unCLIP needs.
 
     Loaded from a folder with a standard text tower (`ClipEncoder.load`), it starts on clip_text's
-    copy of that tower alone; the full open_clip model (`.model`: image encoder, preprocessing
-    settings, training) is built the first time something asks for it, and then serves the text too.
+    copy of that tower alone, and encodes images on clip_vision's copy of a plain ViT, loaded on
+    first use; the full open_clip model (`.model`: other vision towers, training) is built the first
+    time something asks for it, and then serves the text and the images too.
     """
 
     def __init__(self, model: nn.Module | None, tokenizer, device: torch.device, has_vision: bool = True,
-                 *, text: TextTower | None = None, folder: Path | None = None):
+                 *, text: TextTower | None = None, folder: Path | None = None, config: dict | None = None):
         self.has_vision = has_vision  # False: a placeholder vision tower (text-only CLIP)
         self.tokenizer = tokenizer
         self.device = device
         self._model, self._folder = None, folder
+        self._vision, self._vision_cfg, self._preprocess = None, None, None
         if not hasattr(tokenizer, "eot_token_id"):
             raise ValueError(f"unsupported CLIP tokenizer {type(tokenizer).__name__}: need open_clip's SimpleTokenizer")
         if model is not None:
             self._use_model(model)
         elif text is not None and folder is not None:
             self._set_text(text, _eot_pool)  # plain_text_config admits argmax pooling only
+            self._vision_cfg = plain_vision_config((config or {}).get("model_cfg"))
+            if self._vision_cfg is not None:  # else the preprocessing settings come with open_clip's model
+                self._preprocess = ImagePreprocess(preprocess_config(config))
         else:
             raise ValueError("ClipEncoder needs an open_clip model, or a text tower and the folder to build one from")
 
@@ -160,16 +179,8 @@ class ClipEncoder:
                 f"unsupported CLIP text tower ({type(getattr(model, 'text', model)).__name__}): "
                 "need open_clip's own text transformer"
             )
-        pp = open_clip.get_model_preprocess_cfg(model)
-        image_size = _square_size(pp["size"])
-        if pp.get("resize_mode", "shortest") not in ("shortest", "squash"):
-            raise ValueError(f"unsupported CLIP resize_mode {pp['resize_mode']!r}")
+        self._preprocess = ImagePreprocess(open_clip.get_model_preprocess_cfg(model))
         self._model = model
-        self.preprocess_cfg = pp
-        self._image_size = image_size
-        self._resample = _RESAMPLE[pp.get("interpolation", "bicubic")]
-        self._mean = torch.tensor(pp["mean"], dtype=torch.float32)[:, None, None]  # (3, 1, 1)
-        self._std = torch.tensor(pp["std"], dtype=torch.float32)[:, None, None]
 
     @property
     def model(self) -> nn.Module:
@@ -179,9 +190,29 @@ class ClipEncoder:
         return self._model
 
     @property
+    def visual(self) -> nn.Module:
+        """The vision tower: open_clip's once its model is built, else clip_vision's where the
+        config is a plain ViT (loaded on first use), else open_clip's (building its model)."""
+        if self._model is None and self._vision is None and self._vision_cfg is not None:
+            self._vision = load_vision_tower(self._folder, self._vision_cfg, self.device)
+        if self._model is None and self._vision is not None:
+            return self._vision
+        return self.model.visual
+
+    @property
+    def _pixels(self) -> ImagePreprocess:
+        if self._preprocess is None:
+            self.model  # noqa: B018 (the vision settings come with the full model)
+        return self._preprocess
+
+    @property
     def image_size(self) -> int:
-        self.model  # noqa: B018 (the vision settings come with the full model)
-        return self._image_size
+        return self._pixels.size
+
+    @property
+    def preprocess_cfg(self) -> dict:
+        """open_clip's preprocess settings (size, mean, std, interpolation, resize_mode...)."""
+        return self._pixels.cfg
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu") -> "ClipEncoder":
@@ -196,9 +227,10 @@ class ClipEncoder:
             placeholder = bool(config.get(VISION_PLACEHOLDER_KEY, False))
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise UserError(f"{path / CONFIG_NAME}: not a valid open_clip config ({e})") from None
+        check_fit(path, config)
         text = load_text_tower(path, config.get("model_cfg"), device)
         if text is not None:
-            return cls(None, load_tokenizer(text.cfg), device, has_vision=not placeholder, text=text, folder=path)
+            return cls(None, load_tokenizer(text.cfg), device, has_vision=not placeholder, text=text, folder=path, config=config)
         import open_clip
 
         model = _create(path, load_weights=True).to(device)
@@ -245,28 +277,6 @@ class ClipEncoder:
 
     # ------------------------------------------------------------------ images
 
-    def _pixels(self, image: Image.Image) -> torch.Tensor:
-        """One image -> (3, S, S), as transformers' CLIPImageProcessor (Karlo's feature extractor).
-
-        open_clip's eval transform does the same except the crop offset: torchvision's CenterCrop
-        rounds (w - s) / 2 half to even, CLIPImageProcessor floors it; they differ by one pixel when
-        w - s = 3 (mod 4). The floor is used so that imported Karlo sets match diffusers.
-        """
-        s = self.image_size
-        image = image.convert("RGB")
-        if self.preprocess_cfg.get("resize_mode", "shortest") == "squash":
-            image = image.resize((s, s), self._resample)
-        else:
-            w, h = image.size
-            size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)  # shortest side -> s
-            image = image.resize(size, self._resample)
-            w, h = image.size
-            left, top = (w - s) // 2, (h - s) // 2
-            image = image.crop((left, top, left + s, top + s))
-        # x * (1/255) in float64, then float32, as transformers' rescale
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).double().mul(1 / 255).float()  # (3, S, S)
-        return (x - self._mean) / self._std
-
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB, shortest side to image_size (bicubic), centre crop, normalize -> (B, 3, S, S)."""
         return torch.stack([self._pixels(im) for im in images]).to(self.device)
@@ -280,7 +290,7 @@ class ClipEncoder:
                 "use an image-variations set, or re-import with --clip from one"
             )
         pixels = self.preprocess(images)
-        visual = getattr(self.model, "visual", None)
+        visual = self.visual
         if _hf_compatible_vision(visual):
             return _vision_as_hf(visual, pixels).float()
         return self.model.encode_image(pixels, normalize=False).float()
@@ -291,7 +301,7 @@ class ClipEncoder:
 
 def _hf_compatible(transformer: nn.Module) -> bool:
     """open_clip's standard pre-norm blocks (no layer scale, no extra norms), batch first; clip_text's blocks."""
-    if isinstance(transformer, TextBlocks):
+    if isinstance(transformer, Blocks):
         return True
     from open_clip.transformer import ResidualAttentionBlock
 
@@ -310,6 +320,8 @@ def _eot_pool(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def _hf_compatible_vision(visual: nn.Module | None) -> bool:
     """open_clip's plain ViT: class-token pooling, LayerNorms before and after, projection matrix."""
+    if isinstance(visual, VisionTower):
+        return True
     from open_clip.transformer import VisionTransformer
 
     return (

@@ -45,19 +45,24 @@ _MODEL_FREE = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_
                "nonscalar_logit_scale", "custom_text"}
 
 
-def plain_text_config(model_cfg: dict) -> dict | None:
-    """The text settings of an open_clip model config this module can build, else None."""
+def plain_settings(model_cfg, tower: str, fixed: dict, free: set, defaults: dict) -> dict | None:
+    """A tower's settings (`model_cfg[tower]` over `defaults`, plus embed_dim and quick_gelu) where
+    it sets only `free` fields and `fixed` ones to their one value, else None."""
     if not isinstance(model_cfg, dict) or "embed_dim" not in model_cfg or set(model_cfg) - _MODEL_FREE or model_cfg.get("custom_text"):
         return None
-    text = model_cfg.get("text_cfg", {})
-    if not isinstance(text, dict) or set(text) - _TEXT_FREE - set(_TEXT_FIXED):
+    given = model_cfg.get(tower, {})
+    if not isinstance(given, dict) or set(given) - free - set(fixed) or any(given.get(k, v) != v for k, v in fixed.items()):
         return None
-    if any(text.get(k, v) != v for k, v in _TEXT_FIXED.items()):
+    out = {k: given.get(k, v) for k, v in defaults.items()}
+    return dict(out, embed_dim=model_cfg["embed_dim"], quick_gelu=bool(model_cfg.get("quick_gelu", False)))
+
+
+def plain_text_config(model_cfg: dict) -> dict | None:
+    """The text settings of an open_clip model config this module can build, else None."""
+    out = plain_settings(model_cfg, "text_cfg", _TEXT_FIXED, _TEXT_FREE, _TEXT_DEFAULTS)
+    if out is None:
         return None
-    out = {k: text.get(k, v) for k, v in _TEXT_DEFAULTS.items()}
-    out.update(embed_dim=int(model_cfg["embed_dim"]), quick_gelu=bool(model_cfg.get("quick_gelu", False)),
-               tokenizer_kwargs=dict(text.get("tokenizer_kwargs") or {}))
-    return out
+    return dict(out, embed_dim=int(out["embed_dim"]), tokenizer_kwargs=dict(model_cfg.get("text_cfg", {}).get("tokenizer_kwargs") or {}))
 
 
 class QuickGELU(nn.Module):
@@ -82,7 +87,9 @@ class _Block(nn.Module):
         ]))
 
 
-class TextBlocks(nn.Module):
+class Blocks(nn.Module):
+    """open_clip's Transformer (batch first) of standard blocks: the text's and the plain ViT's."""
+
     def __init__(self, width: int, layers: int, heads: int, mlp_width: int, quick_gelu: bool):
         super().__init__()
         self.width, self.batch_first = width, True
@@ -101,7 +108,7 @@ class TextTower(nn.Module):
         # torch._refs and imports torch._dynamo (~2 s of start-up); every parameter is loaded anyway.
         self.token_embedding = nn.Embedding(V, W, _weight=torch.empty(V, W))
         self.positional_embedding = nn.Parameter(torch.empty(L, W))
-        self.transformer = TextBlocks(W, int(cfg["layers"]), int(cfg["heads"]), int(W * cfg["mlp_ratio"]), cfg["quick_gelu"])
+        self.transformer = Blocks(W, int(cfg["layers"]), int(cfg["heads"]), int(W * cfg["mlp_ratio"]), cfg["quick_gelu"])
         self.ln_final = nn.LayerNorm(W)
         if cfg["proj_bias"]:
             self.text_projection = nn.Linear(W, cfg["embed_dim"])
@@ -118,26 +125,36 @@ class TextTower(nn.Module):
 def load_text_tower(folder: Path, model_cfg, device: torch.device) -> TextTower | None:
     """The text tower of the open_clip folder `folder` (its config's `model_cfg`), or None where the
     full model is needed."""
-    from safetensors import safe_open
-
-    weights = Path(folder) / WEIGHTS_NAME
     cfg = plain_text_config(model_cfg)
-    if cfg is None or not weights.is_file():
+    if cfg is None:
         return None
     with torch.device("meta"):  # no random init: every parameter comes from the file
         tower = TextTower(cfg)
+    if not load_tensors(Path(folder) / WEIGHTS_NAME, tower):
+        return None
+    return tower.eval().requires_grad_(False).to(device)
+
+
+def load_tensors(weights: Path, tower: nn.Module, prefix: str = "") -> bool:
+    """Assign the tensors `prefix + name` of the safetensors file `weights` to the meta-device
+    `tower`'s parameters (as float32); False, with nothing loaded, where the file lacks one or holds
+    another shape (the full open_clip loader then reports it)."""
+    from safetensors import safe_open
+
     wanted = tower.state_dict()
+    if not weights.is_file():
+        return False
     try:
         with safe_open(str(weights), framework="pt") as f:
-            if not set(wanted) <= set(f.keys()):
-                return None
-            state = {k: f.get_tensor(k) for k in wanted}
+            if not {prefix + k for k in wanted} <= set(f.keys()):
+                return False
+            state = {k: f.get_tensor(prefix + k) for k in wanted}
     except Exception:  # a corrupt file: the full loader reports it
-        return None
+        return False
     if any(state[k].shape != v.shape for k, v in wanted.items()):
-        return None
+        return False
     tower.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    return tower.eval().requires_grad_(False).to(device)
+    return True
 
 
 def load_tokenizer(cfg: dict):
