@@ -15,11 +15,12 @@ it, so start-up and loading count:
   - diffusers: a child that imports diffusers, `UnCLIPPipeline.from_pretrained(SNAPSHOT,
     torch_dtype=fp16 on CUDA / fp32 on the CPU)`, generates and saves the PNGs.
 Both use the same steps (prior 25, decoder 25, super-res 7; `--steps N` sets all three) and guidance
-(4 / 8), one CPU generator seeded 0, 256 px. Each child prints its in-process stage times as JSON;
-the parent measures the whole-process wall time and peak RSS (CPU; on CUDA the child's
-torch.cuda.max_memory_allocated), and counts each network's FLOPs on one step with
+(4 / 8), one CPU generator seeded 0, 256 px. Each child writes its in-process stage times and peak
+memory (RSS, VmHWM; on CUDA torch.cuda.max_memory_allocated) as JSON; the parent measures the
+whole-process wall time (median of `--repeats`), and counts each network's FLOPs on one step with
 torch.utils.flop_counter.FlopCounterMode (on the meta device: nothing computed) to give the UNets'
-math rate, and on CUDA their share of `--peak-tflops` (default 989: H200 bf16 dense).
+math rate, and on CUDA their share of `--peak-tflops` (default 989: H200 bf16 dense). "same pixels": the
+share of uint8 values of unclip's PNGs equal to diffusers' (on the CPU both run fp32: the same maths).
 `--quality`: unclip's images at bf16 and fp16 against fp32 (same seed, batch 1, fresh process each):
 PSNR over [-1, 1] and the largest difference.
 """
@@ -284,13 +285,26 @@ def _median(runs: list[tuple[float, int, dict]]) -> dict:
     return {"wall": statistics.median(r[0] for r in runs), "stages": stages, "peak": peak}
 
 
+def _agreement(work: Path, batch: int) -> str:
+    """How many uint8 values of unclip's PNGs equal diffusers' (same seed), and the largest difference."""
+    import numpy as np
+    from PIL import Image
+
+    def pixels(side: str, names: list[str]) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(work / f"out-{side}-{batch}" / n).convert("RGB")) for n in names]).astype(int)
+
+    ours = pixels("unclip", ["unclip.png"] if batch == 1 else [f"unclip-{i}.png" for i in range(batch)])
+    diff = np.abs(ours - pixels("diffusers", [f"diffusers-{i}.png" for i in range(batch)]))
+    return f"{100 * (diff == 0).mean():.3f}% (max {diff.max()})"
+
+
 def speed_table(a: argparse.Namespace, device: str, work: Path, batches: list[int]) -> str:
     """Both sides at each batch size, fresh processes, `--repeats` times (sides alternating): one table."""
     steps = _steps(a)
     common = ["--device", device, "--step-json", json.dumps(steps), "--seed", str(a.seed)]
     flag = _precision_flag()
     head = ["batch", "side", "wall s"] + [f"{s} s" for s in STAGES] + ["images/s", "unclip/diffusers", "peak memory",
-                                                                       "decoder / super-res math rate"]
+                                                                       "decoder / super-res math rate", "same pixels"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for batch in batches:
         flops = count_flops(a.scale, batch, steps)
@@ -323,7 +337,8 @@ def speed_table(a: argparse.Namespace, device: str, work: Path, batches: list[in
                 rate = " / ".join(f"{r / 1e9:.0f}" for r in rates) + " GFLOP/s"
             memory = f"{m['peak'] / 2**30:.2f} GiB" + (" GPU" if device.startswith("cuda") else " RSS")
             cells = [str(batch), side, f"{m['wall']:.1f}"] + [f"{st[s]:.2f}" for s in STAGES]
-            cells += [f"{batch / m['wall']:.3f}", f"{ratio:.2f}x" if side == "unclip" else "1", memory, rate]
+            same = _agreement(work, batch) if side == "unclip" else "-"
+            cells += [f"{batch / m['wall']:.3f}", f"{ratio:.2f}x" if side == "unclip" else "1", memory, rate, same]
             lines.append("| " + " | ".join(cells) + " |")
         per_image = ", ".join(f"{k} {v / batch / 1e9:.1f}" for k, v in flops.items())
         lines.append(f"<!-- batch {batch}: GFLOP per image (counted, one step x steps): {per_image} -->")
