@@ -454,3 +454,19 @@ def test_config_that_does_not_fit_its_weights_is_refused(tmp_path, change):
     with pytest.raises(UserError, match=f"^{tmp_path}: weights do not fit its config: tensors") as e:
         ClipEncoder.load(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_empty_prompts_need_no_tokenizer_tables(clip_dir):
+    from unclip_cli.models.clip_text import empty_prompt_ids, load_tokenizer, plain_text_config
+
+    cfg = plain_text_config(TINY_CLIP_CONFIG)
+    for L in (77, 2, 5):
+        assert torch.equal(empty_prompt_ids(dict(cfg, context_length=L), 3), load_tokenizer(cfg)([""] * 3, context_length=L))
+    assert empty_prompt_ids(dict(cfg, tokenizer_kwargs={"clean": "whitespace"}), 1) is None
+    light, full = ClipEncoder.load(clip_dir), ClipEncoder.load(clip_dir)
+    full.tokenizer  # noqa: B018 (built: tokenizes the empty prompt as any other)
+    for a, b in zip(light.encode_text(["", ""]), full.encode_text(["", ""])):
+        assert torch.equal(a, b)
+    assert light._tokenizer is None
+    light.encode_text(["", "a red star"])
+    assert light._tokenizer is not None

@@ -34,7 +34,16 @@ from torch import nn
 from .. import validate
 from ..errors import UserError
 from ..io import read_safetensors_header, save_weights
-from .clip_text import CONFIG_NAME, WEIGHTS_NAME, Blocks, TextTower, load_text_tower, load_tokenizer, plain_text_config
+from .clip_text import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    Blocks,
+    TextTower,
+    empty_prompt_ids,
+    load_text_tower,
+    load_tokenizer,
+    plain_text_config,
+)
 from .clip_vision import (  # noqa: F401 (OPENAI_DATASET_*: re-exported)
     OPENAI_DATASET_MEAN,
     OPENAI_DATASET_STD,
@@ -136,16 +145,17 @@ class ClipEncoder:
     def __init__(self, model: nn.Module | None, tokenizer, device: torch.device, has_vision: bool = True,
                  *, text: TextTower | None = None, folder: Path | None = None, config: dict | None = None):
         self.has_vision = has_vision  # False: a placeholder vision tower (text-only CLIP)
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer  # None: clip_text's, loaded on first use
         self.device = device
         self._model, self._folder = None, folder
         self._vision, self._vision_cfg, self._preprocess = None, None, None
-        if not hasattr(tokenizer, "eot_token_id"):
+        if tokenizer is not None and not hasattr(tokenizer, "eot_token_id"):
             raise ValueError(f"unsupported CLIP tokenizer {type(tokenizer).__name__}: need open_clip's SimpleTokenizer")
         if model is not None:
             self._use_model(model)
         elif text is not None and folder is not None:
             self._set_text(text, _eot_pool)  # plain_text_config admits argmax pooling only
+            self._text_cfg = text.cfg
             self._vision_cfg = plain_vision_config((config or {}).get("model_cfg"))
             if self._vision_cfg is not None:  # else the preprocessing settings come with open_clip's model
                 self._preprocess = ImagePreprocess(preprocess_config(config))
@@ -230,7 +240,7 @@ class ClipEncoder:
         check_fit(path, config)
         text = load_text_tower(path, config.get("model_cfg"), device)
         if text is not None:
-            return cls(None, load_tokenizer(text.cfg), device, has_vision=not placeholder, text=text, folder=path, config=config)
+            return cls(None, None, device, has_vision=not placeholder, text=text, folder=path, config=config)
         import open_clip
 
         model = _create(path, load_weights=True).to(device)
@@ -239,13 +249,28 @@ class ClipEncoder:
 
     # ------------------------------------------------------------------ text
 
+    @property
+    def tokenizer(self):
+        """open_clip's SimpleTokenizer (clip_text's copy built on first use)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self._text_cfg)
+        return self._tokenizer
+
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (B, L) long, padded with 0 and truncated keeping EOT; mask (B, L) bool, True up to EOT.
 
         Id 0 is also a real token ("!"), so the mask comes from the EOT position, not from ids != 0.
+        Empty prompts alone (the unconditional rows) need no tokenizer tables where the ids are known.
         """
-        ids = self.tokenizer(list(prompts), context_length=self.context_length)  # (B, L)
-        is_eot = ids == self.tokenizer.eot_token_id
+        ids = None
+        if self._tokenizer is None and not any(prompts):
+            ids = empty_prompt_ids(self._text_cfg, len(prompts))
+        if ids is None:
+            ids = self.tokenizer(list(prompts), context_length=self.context_length)  # (B, L)
+            eot_id = self.tokenizer.eot_token_id
+        else:
+            eot_id = ids[0, 1].item()
+        is_eot = ids == eot_id
         if not bool(is_eot.any(dim=1).all()):
             raise ValueError("tokenizer output without an end-of-text token")
         eot = is_eot.int().argmax(dim=1)  # (B,) first EOT

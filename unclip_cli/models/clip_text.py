@@ -157,6 +157,21 @@ def load_tensors(weights: Path, tower: nn.Module, prefix: str = "") -> bool:
     return True
 
 
+# open_clip's default SimpleTokenizer: 512 byte tokens and 48,894 merges, then these two
+DEFAULT_SOT_ID, DEFAULT_EOT_ID = 49406, 49407
+
+
+def empty_prompt_ids(cfg: dict, batch: int) -> torch.Tensor | None:
+    """(batch, L) ids of the empty prompt (the unconditional rows) as open_clip's default tokenizer
+    makes them, [SOT, EOT, 0...], without building its tables; None for a tokenizer with options."""
+    L = cfg["context_length"]
+    if cfg["tokenizer_kwargs"] or L < 2:
+        return None
+    ids = torch.zeros(batch, L, dtype=torch.long)
+    ids[:, 0], ids[:, 1] = DEFAULT_SOT_ID, DEFAULT_EOT_ID
+    return ids
+
+
 def load_tokenizer(cfg: dict):
     """open_clip's SimpleTokenizer for a plain_text_config, as `open_clip.get_tokenizer` makes it.
 
