@@ -191,16 +191,16 @@ def variation_pipeline(components: dict):
 def bench_config(scale: str) -> SnapshotConfig:
     """Karlo v1 alpha's architecture for scripts/bench_vs_diffusers.py: "karlo", its real sizes (REFERENCE.md;
     prior 1.0 B, decoder 0.9 B, each super-res 0.7 B parameters: for a GPU), or "small", for a CPU: the same
-    levels, depths, layer counts, attention placement and width ratios, a tenth of the widths or less. The
-    vision tower is tiny (the text-to-image pipeline has none)."""
+    levels, layers per block, layer counts and attention placement, widths a twentieth of Karlo's or less
+    (about 180 GFLOP per 256px image). The vision tower is tiny (the text-to-image pipeline has none)."""
     karlo = scale == "karlo"
-    D, text_w = (768, 768) if karlo else (64, 64)  # CLIP embedding, text tower width
-    prior_heads, head = (32, 64) if karlo else (4, 32)  # prior width = heads x head
-    unet = (320, 640, 960, 1280) if karlo else (32, 64, 96, 128)
-    sr = unet if karlo else (16, 32, 48, 64)
+    D = 768 if karlo else 32  # CLIP embedding = text tower width
+    prior_heads, head = (32, 64) if karlo else (4, 16)  # prior width = heads x head; UNet attention head width
+    unet = (320, 640, 960, 1280) if karlo else (16, 32, 48, 64)
+    sr = unet if karlo else (8, 16, 24, 32)
     return SnapshotConfig(
         D=D,
-        text=dict(hidden_size=text_w, projection_dim=D, intermediate_size=4 * text_w, num_attention_heads=12 if karlo else 4,
+        text=dict(hidden_size=D, projection_dim=D, intermediate_size=4 * D, num_attention_heads=12 if karlo else 4,
                   num_hidden_layers=12, eos_token_id=2),
         vision=dict(hidden_size=32, projection_dim=D, intermediate_size=37, num_attention_heads=4,
                     num_hidden_layers=1, image_size=32, patch_size=4),
@@ -208,7 +208,7 @@ def bench_config(scale: str) -> SnapshotConfig:
         prior=dict(num_attention_heads=prior_heads, attention_head_dim=head, embedding_dim=D, num_layers=20),
         text_proj=dict(clip_embeddings_dim=D, time_embed_dim=4 * unet[0], cross_attention_dim=2 * D),
         decoder=_decoder(block_out_channels=unet, layers_per_block=3, cross_attention_dim=2 * D,
-                         attention_head_dim=head, norm_num_groups=32),
-        super_res=_super_res(block_out_channels=sr, layers_per_block=3, norm_num_groups=32 if karlo else 16,
+                         attention_head_dim=head, norm_num_groups=32 if karlo else 16),
+        super_res=_super_res(block_out_channels=sr, layers_per_block=3, norm_num_groups=32 if karlo else 8,
                              resnet_time_scale_shift="scale_shift"),
     )
