@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from unclip_cli.errors import UserError
 from unclip_cli.io import save_weights
 from unclip_cli.models.clip import CONFIG_NAME, WEIGHTS_NAME, ClipEncoder
@@ -60,9 +62,15 @@ def clip_writer(spec: str) -> Callable[[Path], str]:
     return write
 
 
-def _load(folder: Path, what: str) -> ClipEncoder:
+def load_clip(spec: str, device: str | torch.device = "cpu") -> tuple[ClipEncoder, str]:
+    """--clip SPEC -> that CLIP loaded on `device`, and its name (to score images with a CLIP of one's choice)."""
+    source = resolve_clip_source(spec)
+    return _load(source.folder, f"--clip {spec}", device), source.name
+
+
+def _load(folder: Path, what: str, device: str | torch.device = "cpu") -> ClipEncoder:
     try:
-        return ClipEncoder.load(folder)
+        return ClipEncoder.load(folder, device)
     except UserError:
         raise
     except Exception as e:  # open_clip raises several types for bad configs and checkpoints
