@@ -470,3 +470,16 @@ def test_empty_prompts_need_no_tokenizer_tables(clip_dir):
     assert light._tokenizer is None
     light.encode_text(["", "a red star"])
     assert light._tokenizer is not None
+
+
+def test_other_towers_that_do_not_fit_are_refused_before_building(tmp_path):
+    """open_clip's own towers (layer scale here) are compared from its meta-device build: a config
+    of ~7 billion parameters over tiny weights is refused in a moment, naming the folder."""
+    cfg = {**TINY_CLIP_CONFIG, "text_cfg": {**TINY_CLIP_CONFIG["text_cfg"], "ls_init_value": 0.1}}
+    write_clip_dir(tmp_path, cfg, seed=12)
+    assert ClipEncoder.load(tmp_path)._model is not None  # fits: open_clip's model
+    config = json.loads((tmp_path / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"].update(width=16384, heads=16)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=f"^{tmp_path}: weights do not fit its config: tensors 32 of other shapes .*text_projection"):
+        ClipEncoder.load(tmp_path)

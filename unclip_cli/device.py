@@ -4,10 +4,15 @@ else CUDA when present, else the CPU) and the seeded CPU random generator every 
 from __future__ import annotations
 
 import os
+from typing import Sequence, Union
 
 import torch
 
 from unclip_cli.errors import UserError
+
+# One generator for a whole batch, or a list of them sharing the batch's rows in order (per-row or
+# per-item seeds: an item's noise then does not depend on the batch it runs in).
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 def resolve_device(option: str | None) -> torch.device:
@@ -32,3 +37,20 @@ def make_generator(seed: int | None) -> tuple[torch.Generator, int]:
     if not 0 <= seed < 2**63:
         raise UserError(f"--seed must be in [0, 2^63), got {seed}")
     return torch.Generator("cpu").manual_seed(seed), seed
+
+
+def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per seed, for per-item randomness (a stage given the list draws row r from the r-th)."""
+    return [make_generator(int(seed))[0] for seed in seeds]
+
+
+def generator_rows(generator: Generators, batch: int) -> list[tuple[torch.Generator | None, int]]:
+    """[(generator, rows)] in batch order: one generator draws all `batch` rows; a list of G shares them,
+    batch / G consecutive rows each (G prompts with K candidates or variations: K rows per generator), so
+    rows drawn with generator g are what a batch of batch / G rows would draw with g alone."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return [(generator, batch)]
+    gens = list(generator)
+    if not gens or batch % len(gens):
+        raise ValueError(f"{len(gens)} generators cannot share a batch of {batch} rows")
+    return [(g, batch // len(gens)) for g in gens]

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from unclip_cli import __version__, checks
-from unclip_cli.device import make_generator, resolve_device
+from unclip_cli.device import Generators, make_generator, resolve_device
 from unclip_cli.diffusion.guidance import Guidance
 from unclip_cli.errors import UserError
 from unclip_cli.io import CARRY_KEY, RECORD_KEY, StageFile, exact_images_to_tensor, tensor_to_images
@@ -44,6 +44,9 @@ from unclip_cli.stages.conditioning import TextCond
 PRIOR_KINDS = {"diffusion": "prior", "ar": "prior-ar"}  # kind -> component
 SIZES = (64, 256, 1024)
 UPSAMPLERS = {64: "upsampler-256", 256: "upsampler-1024"}  # input size -> component
+# rows the upsampler's network sees at once (default: the whole batch): at 1024 px one image's activations
+# dwarf the batch's state and noise, so a batch of 8 needs the memory of one (the pixels do not change)
+MICRO_BATCH = {"upsampler-1024": 1}
 AR_OPTIONS = ("temperature", "top_p", "similarity_percentile")
 Callback = Callable[[str, int, int], None]  # (stage, step index, number of steps)
 
@@ -167,7 +170,7 @@ class Pipeline(EditMixin):
     # ------------------------------------------------------------------ prior
 
     def sample_prior(
-        self, cond: TextCond, null: TextCond, generator: torch.Generator, *, kind: str | None = None,
+        self, cond: TextCond, null: TextCond, generator: Generators, *, kind: str | None = None,
         steps: int | None = None, guidance: float | Guidance | None = None, candidates: int = 1,
         callback: Callback | None = None, **ar,
     ) -> tuple[torch.Tensor, dict]:
@@ -228,7 +231,7 @@ class Pipeline(EditMixin):
     # ------------------------------------------------------------------ decoder and upsamplers
 
     def run_decoder(
-        self, embed: torch.Tensor, cond: TextCond, null: TextCond, generator: torch.Generator, *, steps: int | None = None,
+        self, embed: torch.Tensor, cond: TextCond, null: TextCond, generator: Generators, *, steps: int | None = None,
         guidance: float | Guidance | None = None, eta: float | None = None, callback: Callback | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """Embeddings (B, D) -> 64 px images (B, 3, 64, 64) in [-1, 1]; returns them and the settings used."""
@@ -289,9 +292,10 @@ class Pipeline(EditMixin):
                                callback=_stage_callback(callback, "decoder"))
         return images, {"decoder_steps": steps, "decoder_guidance": guidance, "decoder_eta": eta}
 
-    def run_upsampler(self, low: torch.Tensor, generator: torch.Generator, *, steps: int | None = None,
-                      callback: Callback | None = None) -> tuple[torch.Tensor, dict]:
-        """(B, 3, 64 or 256, same) in [-1, 1] -> 4x larger images; returns them and the settings used."""
+    def run_upsampler(self, low: torch.Tensor, generator: Generators, *, steps: int | None = None,
+                      micro_batch: int | None = None, callback: Callback | None = None) -> tuple[torch.Tensor, dict]:
+        """(B, 3, 64 or 256, same) in [-1, 1] -> 4x larger images; returns them and the settings used.
+        micro_batch: rows per network call (default MICRO_BATCH's; same pixels, less memory)."""
         from unclip_cli.stages.upsample import run_upsampler
 
         size = low.shape[-1]
@@ -302,7 +306,9 @@ class Pipeline(EditMixin):
         if net.cfg.low_res != size:
             raise UserError(f"{component} of {self.name!r} takes {net.cfg.low_res}px input, got {size}px")
         s = self.settings(component, steps=steps)
-        out = run_upsampler(net, low, steps=s["steps"], generator=generator, callback=_stage_callback(callback, component))
+        micro_batch = micro_batch or MICRO_BATCH.get(component)
+        out = run_upsampler(net, low, steps=s["steps"], generator=generator, micro_batch=micro_batch,
+                            callback=_stage_callback(callback, component))
         self._finite(out, component)
         return out, {f"upsampler_{size * 4}_steps": s["steps"]}
 
@@ -331,12 +337,13 @@ class Pipeline(EditMixin):
     # ------------------------------------------------------------------ the whole pipeline
 
     def generate_tensor(
-        self, prompts: Sequence[str], generator: torch.Generator, *, size: int = 64, prior_kind: str | None = None,
+        self, prompts: Sequence[str], generator: Generators, *, size: int = 64, prior_kind: str | None = None,
         prior_steps: int | None = None, prior_guidance: float | None = None, decoder_steps: int | None = None,
         decoder_guidance: float | None = None, upsampler_steps: int | dict | None = None, callback: Callback | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """Prompts -> images (B, 3, size, size) in [-1, 1] on the CPU, every stage drawing from `generator`
-        in pipeline order (diffusers' UnCLIPPipeline); returns them and the settings used.
+        in pipeline order (diffusers' UnCLIPPipeline); returns them and the settings used. A list of B
+        generators: prompt r's noise all from the r-th, so its image does not depend on the batch.
         upsampler_steps: one count for both upsamplers, or {component: steps}."""
         if size not in SIZES:
             raise UserError("size must be 64, 256 or 1024")

@@ -6,7 +6,8 @@ papers' names; the one object that both training and sampling use. Two kinds of 
 - sampling (`step`, `ddim_step`, ...) takes integer timesteps of a respaced chain, t -> t_prev. The
   ancestral step reproduces diffusers' `UnCLIPScheduler.step` (Karlo's sampler) bit for bit: the
   same float32 operations on 0-d tensors, in the same order. `-1` stands for "the clean sample"
-  (alpha_bar = 1) after the last step.
+  (alpha_bar = 1) after the last step. The coefficients are 0-d CPU tensors, which enter a CUDA
+  kernel as host scalars: a step never waits for the device.
 - training (`q_sample`, `q_posterior`, `predict_x0_from_eps`, `learned_log_variance`) takes a
   per-sample t (B,) long on the unskipped chain t -> t - 1, read from tables computed in float64
   and stored as float32 (improved DDPM's numbers). The losses themselves live in `train/losses.py`.

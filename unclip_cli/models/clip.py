@@ -70,7 +70,7 @@ DEFAULT_PREPROCESS_CFG: dict = {
 }
 
 
-def _create(path: Path, load_weights: bool) -> nn.Module:
+def _create(path: Path, load_weights: bool, device: str = "cpu") -> nn.Module:
     """open_clip model from a local-dir folder; never touches the network."""
     import open_clip
 
@@ -78,6 +78,7 @@ def _create(path: Path, load_weights: bool) -> nn.Module:
         "local-dir:" + str(path),
         load_weights=load_weights,
         precision="fp32",
+        device=device,
         pretrained_image=False,
         pretrained_text=False,  # only HF text towers would download base weights
     )
@@ -116,21 +117,39 @@ def write_clip_dir(out_dir: Path, model_cfg: dict, preprocess_cfg: dict | None =
 
 
 def check_fit(folder: Path, config: dict) -> None:
-    """Refuse a config whose towers are not the weights' (another width, depth or size): the shapes of
-    the towers that clip_text.py and clip_vision.py build, made on the meta device (nothing is
-    allocated), against `open_clip_model.safetensors`'s header. Other tensors are open_clip's to check."""
+    """Refuse a config whose network is not the weights' (another width, depth or size) from shapes
+    alone: a build on the meta device (nothing allocated) against `open_clip_model.safetensors`'s
+    header. The towers clip_text.py and clip_vision.py build must find every tensor; for others,
+    open_clip's meta-device build is compared where names agree (its loader converts other layouts
+    and resizes position embeddings)."""
     weights = Path(folder) / WEIGHTS_NAME
-    model_cfg = config.get("model_cfg")
-    towers = [(plain_text_config(model_cfg), TextTower, ""), (plain_vision_config(model_cfg), VisionTower, VISION_PREFIX)]
-    expected: dict[str, tuple[int, ...]] = {}
-    with torch.device("meta"):
-        for cfg, tower, prefix in towers:
-            if cfg is not None:
-                expected.update({prefix + k: tuple(v.shape) for k, v in tower(cfg).state_dict().items()})
-    if not expected or not weights.is_file():  # .bin / .pth: open_clip's loader checks them
+    if not weights.is_file():  # .bin / .pth: open_clip's loader checks them
         return
+    model_cfg = config.get("model_cfg")
+    text, vision = plain_text_config(model_cfg), plain_vision_config(model_cfg)
     header = read_safetensors_header(weights)
+    if text is not None and vision is not None:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in TextTower(text).state_dict().items()}
+            expected.update({VISION_PREFIX + k: tuple(v.shape) for k, v in VisionTower(vision).state_dict().items()})
+    else:
+        expected = _open_clip_shapes(folder)
+        expected = {k: v for k, v in expected.items() if k in header and not k.endswith(_RESIZED)}
     validate.weights_fit(expected, {k: v for k, v in header.items() if k in expected}, str(folder))
+
+
+_RESIZED = ("positional_embedding", "logit_scale", "logit_bias")  # tensors open_clip's loader reshapes
+
+
+def _open_clip_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the model open_clip builds from `folder`'s config, on the meta device; {}
+    where it cannot build one there (its own loader then reports why)."""
+    try:
+        with torch.device("meta"), _quiet_open_clip():
+            model = _create(folder, load_weights=False, device="meta")
+    except Exception:
+        return {}
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 class ClipEncoder:

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from unclip_cli.device import Generators
 from unclip_cli.diffusion.guidance import Guidance
 from unclip_cli.diffusion.samplers import ModelFn, draw_noise, sample_ancestral, sample_ddim
 from unclip_cli.diffusion.schedule import GaussianDiffusion, respaced_timesteps
@@ -24,8 +25,10 @@ def decoder_model_fn(
 
     Guidance on eps with [learned null image embedding + empty text; image embedding + text], the
     variance channels taken from the conditional half; the batch runs as `Guidance.of(guidance)` says.
+    The network sees its own dtype (bf16 / fp16 weights); its output and the sampler stay float32.
     """
-    device = next(decoder.parameters()).device
+    param = next(decoder.parameters())
+    device, dtype = param.device, param.dtype
     batch = image_embed.shape[0]
     guidance = Guidance.of(guidance)
     batched = guidance.batched  # run the [uncond; cond] batch
@@ -33,13 +36,13 @@ def decoder_model_fn(
     if batched:
         image_embed = torch.cat([decoder.null_image_embed(batch).to(device), image_embed])
         cond = TextCond.cat(null.to(device).expand(batch), cond)
-    dcond = decoder.condition(image_embed, cond.embed, cond.hidden, cond.mask)
+    dcond = decoder.condition(image_embed.to(dtype), cond.embed.to(dtype), cond.hidden.to(dtype), cond.mask)
     channels = decoder.cfg.unet.in_channels
 
     def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
         x_in = torch.cat([x, x]) if batched else x
         t_in = torch.full((x_in.shape[0],), t, dtype=torch.long, device=device)
-        out = decoder(x_in, t_in, dcond)
+        out = decoder(x_in.to(dtype), t_in, dcond).float()
         if batched:
             uncond, text = guidance.split(out)
             eps = guidance.combine(uncond[:, :channels], text[:, :channels])
@@ -58,7 +61,7 @@ def run_decoder(
     *,
     steps: int,
     guidance: float | Guidance,
-    generator: torch.Generator | None,
+    generator: Generators,
     eta: float | None = None,
     x_T: torch.Tensor | None = None,
     timesteps: list[int] | None = None,
@@ -69,7 +72,8 @@ def run_decoder(
     Guidance on eps with [learned null image embedding + empty text; image embedding + text];
     the variance comes from the conditional half. guidance: a scale (the batch runs when it is not 1)
     or a `Guidance` (`Guidance.diffusers_pair`, for Karlo parity). eta=None: the ancestral (learned-variance)
-    sampler; eta=float: DDIM with that eta. x_T: a given initial noise (else drawn).
+    sampler; eta=float: DDIM with that eta. x_T: a given initial noise (else drawn). generator: one for
+    the batch, or a list sharing its rows (row r's noise from its own generator; see device.generator_rows).
     timesteps: the descending timesteps to sample (default: `steps` respaced as UnCLIPScheduler).
     """
     device = next(decoder.parameters()).device
@@ -86,7 +90,7 @@ def run_decoder(
     return x.clamp(-1, 1)
 
 
-def draw_latent_noise(decoder: Decoder, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+def draw_latent_noise(decoder: Decoder, batch: int, generator: Generators) -> torch.Tensor:
     """Fresh x_T for the decoder, (batch, C, S, S), drawn on the CPU."""
     size, channels = decoder.cfg.unet.sample_size, decoder.cfg.unet.in_channels
     return draw_noise((batch, channels, size, size), generator, "cpu")

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from unclip_cli.device import Generators
 from unclip_cli.diffusion.inversion import as_eps_model, ddim_invert_exact, latent_timesteps
 from unclip_cli.diffusion.samplers import Callback
 from unclip_cli.diffusion.schedule import GaussianDiffusion
@@ -70,13 +71,14 @@ def vary(
     eta: float,
     steps: int,
     guidance: float,
-    generator: torch.Generator | None,
+    generator: Generators,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """n variations of each of B latents: (B, D), x_T (B, C, S, S) or None (fresh noise) -> (B * n, 3, S, S).
 
     DDIM with eta > 0 from the image's own x_T (the paper's variations); eta = 0 gives the image back.
-    Rows are grouped by input: variations 0..n-1 of the first, then of the second...
+    Rows are grouped by input: variations 0..n-1 of the first, then of the second... (a list of B
+    generators: each draws its input's n rows).
     """
     batch = image_embed.shape[0]
     embeds = image_embed.repeat_interleave(n, dim=0)  # (B * n, D)
@@ -101,7 +103,7 @@ def decode_latent(
     steps: int,
     guidance: float,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Decode latents (z_i (B, D), x_T (B, C, S, S)) with DDIM over latent_timesteps, empty text.
