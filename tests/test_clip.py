@@ -483,3 +483,19 @@ def test_other_towers_that_do_not_fit_are_refused_before_building(tmp_path):
     (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=f"^{tmp_path}: weights do not fit its config: tensors 32 of other shapes .*text_projection"):
         ClipEncoder.load(tmp_path)
+
+
+def test_cli_refuses_a_set_whose_clip_config_does_not_fit(cli, tiny_set, tmp_path):
+    import shutil
+
+    model = tmp_path / "set"
+    shutil.copytree(tiny_set, model)
+    path = model / "clip" / "open_clip_config.json"
+    config = json.loads(path.read_text())
+    config["model_cfg"]["vision_cfg"]["layers"] += 1
+    path.write_text(json.dumps(config))
+    r = cli("encode-text", "a red star", "--model", model, "-o", tmp_path / "t.safetensors")
+    assert r.code == 1 and not (tmp_path / "t.safetensors").exists()
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and f"{model / 'clip'}: weights do not fit its config" in lines[0], r
+    assert "missing (visual.transformer.resblocks.2." in lines[0]
