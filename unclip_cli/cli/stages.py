@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from unclip_cli.cli.common import (
-    DeviceOpt, GuidanceOpt, KindOpt, ModelOpt, OutputOpt, QuietOpt, SeedOpt, StepsOpt,
+    DeviceOpt, GuidanceOpt, KindOpt, ModelOpt, OutputOpt, PrecisionOpt, QuietOpt, SeedOpt, StepsOpt,
     app, check_min, first_record, open_pipeline, progress, read_prompts, report_seed,
 )
 from unclip_cli.errors import UserError
@@ -61,6 +61,7 @@ def prior(
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="AR prior: nucleus sampling mass.")] = None,
     similarity_percentile: Annotated[Optional[float], typer.Option("--similarity-percentile", help="AR prior: draw the similarity token from this percentile of its training distribution up (50: the top half).")] = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run a prior: text conditioning -> CLIP image embedding (text carried along).
@@ -78,7 +79,7 @@ def prior(
     if stage.kind != "text":
         raise UserError(f"prior reads text conditioning (from encode-text), got a {stage.kind} file")
     target = stdout_target(output)
-    pipe = open_pipeline(model, device)
+    pipe = open_pipeline(model, device, precision)
     pipe.check_stage(stage, source or "<stdin>")
     pipe.prior_kind(kind)
     with progress(quiet) as cb:
@@ -98,6 +99,7 @@ def decode(
     seed: SeedOpt = None,
     eta: Annotated[Optional[float], typer.Option(help="Use DDIM with this eta instead of the ancestral sampler.")] = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Decode image embeddings into 64x64 images (PNG; a batch gives out-0.png, out-1.png...).
@@ -114,7 +116,7 @@ def decode(
     if stage.kind == "text":
         raise UserError("decode reads image embeddings: run `unclip prior` on text conditioning first")
     target = stdout_target(output, stage.main.shape[0] if stage.main.ndim > 1 else 1)
-    pipe = open_pipeline(model, device)
+    pipe = open_pipeline(model, device, precision)
     pipe.check_stage(stage, source or "<stdin>")
     with progress(quiet) as cb:
         images = pipe.decode(stage, steps=steps, guidance=guidance, seed=seed, eta=eta, callback=cb)
@@ -130,6 +132,7 @@ def upsample(
     steps: StepsOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Upsample 64px -> 256px or 256px -> 1024px (chosen by the input size).
@@ -149,7 +152,7 @@ def upsample(
     (w, h), = sizes
     if w != h or w not in (64, 256):
         raise UserError(f"{items[0][1]}: a {w}x{h} image; upsample takes 64x64 (to 256) or 256x256 (to 1024)")
-    pipe = open_pipeline(model, device)
+    pipe = open_pipeline(model, device, precision)
     pipe.models.require({64: "upsampler-256", 256: "upsampler-1024"}[w])
     with progress(quiet) as cb:
         images = pipe.upsample([img for img, _ in items], steps=steps, seed=seed, callback=cb)
@@ -191,6 +194,7 @@ def generate(
     upsampler_256_steps: Annotated[Optional[int], typer.Option("--upsampler-256-steps", help="Steps of the 64->256 upsampler (over --upsampler-steps).")] = None,
     upsampler_1024_steps: Annotated[Optional[int], typer.Option("--upsampler-1024-steps", help="Steps of the 256->1024 upsampler (over --upsampler-steps).")] = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Prompt -> image through every stage, with one random generator (as diffusers' UnCLIPPipeline).
@@ -208,7 +212,7 @@ def generate(
     if not prompts:
         raise UserError("no prompt given")
     target = stdout_target(output, len(prompts))
-    pipe = open_pipeline(model, device)
+    pipe = open_pipeline(model, device, precision)
     ups = {"upsampler-256": upsampler_256_steps or upsampler_steps, "upsampler-1024": upsampler_1024_steps or upsampler_steps}
     with progress(quiet) as cb:
         images = pipe.generate(

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from unclip_cli.device import resolve_device
+from unclip_cli.distributed import Dist, setup_distributed, shutdown
 from unclip_cli.errors import UserError
 from unclip_cli.io import atomic_write
 
@@ -66,21 +66,6 @@ class TrainOptions:
     hard_negatives: int | None = None  # clip on shapes data: scenes per group of hard negatives (None: independent scenes)
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 def seed_for(*parts) -> int:
     """A 63-bit seed from any tuple (seed, rank, step, purpose): independent streams per step."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
@@ -92,23 +77,6 @@ def generator(*parts) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------- pieces
-
-
-def setup_distributed(device_name: str | None) -> tuple[Dist, torch.device]:
-    """Read torchrun's environment; join the process group (nccl on CUDA, gloo on the CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_name)
-    if world <= 1:
-        return Dist(), device
-    import torch.distributed as dist
-
-    d = Dist(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        device = torch.device("cuda", d.local_rank if device.index is None else device.index)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return d, device
 
 
 def make_optimizer(module: nn.Module, opts: TrainOptions) -> torch.optim.AdamW:
@@ -329,11 +297,7 @@ def train(
         with global_rng_scope(device):
             return _run(task, ms, opts, dist_info, device, say if dist_info.main else (lambda m: None), on_step)
     finally:
-        if dist_info.enabled:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        shutdown(dist_info)
 
 
 def _shown(value):
