@@ -3,7 +3,7 @@
 Each module registers its commands on the shared app; importing this package registers them all.
 """
 
-from unclip_cli.cli import stages, manipulate, model, data, train, evaluate  # noqa: F401  (registers, in help order)
+from unclip_cli.cli import stages, manipulate, model, data, train, evaluate, metrics  # noqa: F401  (registers, in help order)
 from unclip_cli.cli.common import app
 
 
