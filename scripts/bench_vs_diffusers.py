@@ -19,7 +19,9 @@ Both use the same steps (prior 25, decoder 25, super-res 7; `--steps N` sets all
 memory (RSS, VmHWM; on CUDA torch.cuda.max_memory_allocated) as JSON; the parent measures the
 whole-process wall time (median of `--repeats`), and counts each network's FLOPs on one step with
 torch.utils.flop_counter.FlopCounterMode (on the meta device: nothing computed) to give the UNets'
-math rate, and on CUDA their share of `--peak-tflops` (default 989: H200 bf16 dense). "same pixels": the
+math rate, and on CUDA their share of `--peak-tflops` (default 989: H200 bf16 dense). "CPU s": the
+child's user + system time, the fairer figure on a machine shared with other work (with `--threads 1`
+no thread spins waiting for a descheduled sibling). "same pixels": the
 share of uint8 values of unclip's PNGs equal to diffusers' (on the CPU both run fp32: the same maths).
 `--quality`: unclip's images at bf16 and fp16 against fp32 (same seed, batch 1, fresh process each):
 PSNR over [-1, 1] and the largest difference.
@@ -152,7 +154,10 @@ def _finish(a: argparse.Namespace, times: dict) -> dict:
     """Stage times plus `rest` (the in-process total less the stages) and the GPU's peak memory."""
     total = time.time() - a.launch
     times["rest"] = total - sum(times.values())
-    result = {"stages": times, "in_process": total, "rss_peak": _vm_hwm()}
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result = {"stages": times, "in_process": total, "rss_peak": _vm_hwm(), "cpu": usage.ru_utime + usage.ru_stime}
     if a.device.startswith("cuda"):
         import torch
 
@@ -263,7 +268,8 @@ def machine_line(device: str) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.machine())
     gpu = f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {cpu}, {os.cpu_count()} CPUs{gpu}; "
-            f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}")
+            f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}; "
+            f"threads {os.environ.get('OMP_NUM_THREADS', 'default')}; load average {os.getloadavg()[0]:.1f}")
 
 
 def _steps(a: argparse.Namespace) -> dict:
@@ -282,7 +288,8 @@ def _precision_flag() -> list[str]:
 def _median(runs: list[tuple[float, int, dict]]) -> dict:
     stages = {k: statistics.median(r[2]["stages"][k] for r in runs) for k in STAGES}
     peak = max(r[2].get("gpu_peak", r[2]["rss_peak"]) for r in runs)
-    return {"wall": statistics.median(r[0] for r in runs), "stages": stages, "peak": peak}
+    return {"wall": statistics.median(r[0] for r in runs), "cpu": statistics.median(r[2]["cpu"] for r in runs),
+            "stages": stages, "peak": peak}
 
 
 def _agreement(work: Path, batch: int) -> str:
@@ -303,7 +310,8 @@ def speed_table(a: argparse.Namespace, device: str, work: Path, batches: list[in
     steps = _steps(a)
     common = ["--device", device, "--step-json", json.dumps(steps), "--seed", str(a.seed)]
     flag = _precision_flag()
-    head = ["batch", "side", "wall s"] + [f"{s} s" for s in STAGES] + ["images/s", "unclip/diffusers", "peak memory",
+    head = ["batch", "side", "wall s"] + [f"{s} s" for s in STAGES] + ["images/s", "unclip/diffusers", "CPU s",
+                                                                       "unclip/diffusers (CPU time)", "peak memory",
                                                                        "decoder / super-res math rate", "same pixels"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for batch in batches:
@@ -338,7 +346,9 @@ def speed_table(a: argparse.Namespace, device: str, work: Path, batches: list[in
             memory = f"{m['peak'] / 2**30:.2f} GiB" + (" GPU" if device.startswith("cuda") else " RSS")
             cells = [str(batch), side, f"{m['wall']:.1f}"] + [f"{st[s]:.2f}" for s in STAGES]
             same = _agreement(work, batch) if side == "unclip" else "-"
-            cells += [f"{batch / m['wall']:.3f}", f"{ratio:.2f}x" if side == "unclip" else "1", memory, rate, same]
+            cpu_ratio = med["diffusers"]["cpu"] / m["cpu"]
+            cells += [f"{batch / m['wall']:.3f}", f"{ratio:.2f}x" if side == "unclip" else "1", f"{m['cpu']:.1f}",
+                      f"{cpu_ratio:.2f}x" if side == "unclip" else "1", memory, rate, same]
             lines.append("| " + " | ".join(cells) + " |")
         per_image = ", ".join(f"{k} {v / batch / 1e9:.1f}" for k, v in flops.items())
         lines.append(f"<!-- batch {batch}: GFLOP per image (counted, one step x steps): {per_image} -->")
@@ -394,6 +404,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's peak rate (default: H200 bf16 dense)")
     ap.add_argument("--work", help="folder for the snapshot and set (kept; reused when present)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="torch threads of both sides' children (default: torch's choice)")
     # child side (internal)
     ap.add_argument("--child", choices=("unclip", "diffusers", "quality"), help=argparse.SUPPRESS)
     for name in ("--launch", "--result", "--snapshot", "--set", "--out", "--precision", "--batch", "--step-json"):
@@ -412,6 +423,8 @@ def main() -> None:
     import torch
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.threads:  # read by each child's torch at start-up
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -419,6 +432,7 @@ def main() -> None:
         print(machine_line(device))
         if not a.no_speed:
             print(speed_table(a, device, work, [int(b) for b in a.batches.split(",")]))
+            print(f"load average at the end: {os.getloadavg()[0]:.1f}")
         if a.quality:
             print(quality(a, device, work))
 
