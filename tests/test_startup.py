@@ -55,8 +55,10 @@ def test_image_side_sampling_imports_no_heavy_package(tmp_path, tiny_set):
     assert _heavy(modules) == []
 
 
-def test_other_vision_towers_still_load_open_clip(tmp_path, tiny_set):
-    """The check can fail: a tower clip_vision.py does not build (average pooling) brings open_clip in."""
+@pytest.mark.parametrize("command", ["encode-image", "encode-text"])
+def test_other_vision_towers_load_open_clip_for_images_only(tmp_path, tiny_set, command):
+    """The check can fail: a vision tower clip_vision.py does not build (average pooling) brings
+    open_clip in to encode images, while the text still needs none of it."""
     model = tmp_path / "set"
     shutil.copytree(tiny_set, model)
     path = model / "clip" / "open_clip_config.json"
@@ -64,5 +66,9 @@ def test_other_vision_towers_still_load_open_clip(tmp_path, tiny_set):
     config["model_cfg"]["vision_cfg"]["pool_type"] = "avg"
     path.write_text(json.dumps(config))
     write_png(tmp_path / "in.png", (64, 64))
-    modules = _imports(tmp_path, "encode-image", "in.png", "-o", "i.safetensors", "--model", str(model))
-    assert "open_clip" in _heavy(modules) and "torchvision" in _heavy(modules)
+    source = "in.png" if command == "encode-image" else "a red star"
+    modules = _imports(tmp_path, command, source, "-o", "e.safetensors", "--model", str(model))
+    if command == "encode-image":
+        assert "open_clip" in _heavy(modules) and "torchvision" in _heavy(modules)
+    else:
+        assert _heavy(modules) == []

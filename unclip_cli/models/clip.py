@@ -117,39 +117,40 @@ def write_clip_dir(out_dir: Path, model_cfg: dict, preprocess_cfg: dict | None =
 
 
 def check_fit(folder: Path, config: dict) -> None:
-    """Refuse a config whose network is not the weights' (another width, depth or size) from shapes
-    alone: a build on the meta device (nothing allocated) against `open_clip_model.safetensors`'s
-    header. The towers clip_text.py and clip_vision.py build must find every tensor; for others,
-    open_clip's meta-device build is compared where names agree (its loader converts other layouts
-    and resizes position embeddings)."""
+    """Refuse a config whose towers are not the weights' (another width, depth or size) from shapes
+    alone: the towers clip_text.py and clip_vision.py build, made on the meta device (nothing
+    allocated), against `open_clip_model.safetensors`'s header; every tensor they need must be there."""
     weights = Path(folder) / WEIGHTS_NAME
-    if not weights.is_file():  # .bin / .pth: open_clip's loader checks them
-        return
     model_cfg = config.get("model_cfg")
-    text, vision = plain_text_config(model_cfg), plain_vision_config(model_cfg)
-    header = read_safetensors_header(weights)
-    if text is not None and vision is not None:
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in TextTower(text).state_dict().items()}
-            expected.update({VISION_PREFIX + k: tuple(v.shape) for k, v in VisionTower(vision).state_dict().items()})
-    else:
-        expected = _open_clip_shapes(folder)
-        expected = {k: v for k, v in expected.items() if k in header and not k.endswith(_RESIZED)}
-    validate.weights_fit(expected, {k: v for k, v in header.items() if k in expected}, str(folder))
+    towers = [(plain_text_config(model_cfg), TextTower, ""), (plain_vision_config(model_cfg), VisionTower, VISION_PREFIX)]
+    expected: dict[str, tuple[int, ...]] = {}
+    with torch.device("meta"):
+        for cfg, tower, prefix in towers:
+            if cfg is not None:
+                expected.update({prefix + k: tuple(v.shape) for k, v in tower(cfg).state_dict().items()})
+    if expected and weights.is_file():  # .bin / .pth: open_clip's loader checks them
+        header = read_safetensors_header(weights)
+        validate.weights_fit(expected, {k: v for k, v in header.items() if k in expected}, str(folder))
 
 
 _RESIZED = ("positional_embedding", "logit_scale", "logit_bias")  # tensors open_clip's loader reshapes
 
 
-def _open_clip_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the model open_clip builds from `folder`'s config, on the meta device; {}
-    where it cannot build one there (its own loader then reports why)."""
-    try:
-        with torch.device("meta"), _quiet_open_clip():
-            model = _create(folder, load_weights=False, device="meta")
-    except Exception:
-        return {}
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _build(folder: Path, device: torch.device) -> nn.Module:
+    """open_clip's model with its weights, after comparing the shapes of its meta-device build with the
+    weights' header where names agree (its loader converts other layouts and resizes position
+    embeddings), so that a config far larger than its weights is refused before it is built."""
+    weights = Path(folder) / WEIGHTS_NAME
+    if weights.is_file():
+        try:
+            with torch.device("meta"), _quiet_open_clip():
+                expected = {k: tuple(v.shape) for k, v in _create(folder, load_weights=False, device="meta").state_dict().items()}
+        except Exception:  # no meta build: the loader below reports what is wrong
+            expected = {}
+        header = read_safetensors_header(weights)
+        expected = {k: v for k, v in expected.items() if k in header and not k.endswith(_RESIZED)}
+        validate.weights_fit(expected, {k: v for k, v in header.items() if k in expected}, str(folder))
+    return _create(folder, load_weights=True).to(device)
 
 
 class ClipEncoder:
@@ -215,7 +216,7 @@ class ClipEncoder:
     def model(self) -> nn.Module:
         """The whole open_clip model (built from the folder on first use)."""
         if self._model is None:
-            self._use_model(_create(self._folder, load_weights=True).to(self.device))
+            self._use_model(_build(self._folder, self.device))
         return self._model
 
     @property
@@ -262,7 +263,7 @@ class ClipEncoder:
             return cls(None, None, device, has_vision=not placeholder, text=text, folder=path, config=config)
         import open_clip
 
-        model = _create(path, load_weights=True).to(device)
+        model = _build(path, device)
         tokenizer = open_clip.get_tokenizer("local-dir:" + str(path))
         return cls(model, tokenizer, device, has_vision=not placeholder, folder=path)
 

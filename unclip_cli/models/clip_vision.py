@@ -69,8 +69,10 @@ def plain_vision_config(model_cfg: dict) -> dict | None:
     size = out["image_size"]
     if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
         out["image_size"] = size[0]
-    ints = ("layers", "width", "head_width", "patch_size", "image_size", "embed_dim")
+    ints = ("width", "head_width", "patch_size", "image_size", "embed_dim")
     if not all(_positive_int(out[k]) for k in ints) or out["width"] % out["head_width"]:
+        return None
+    if not isinstance(out["layers"], int) or isinstance(out["layers"], bool) or out["layers"] < 0:
         return None
     if not isinstance(out["mlp_ratio"], (int, float)) or out["mlp_ratio"] <= 0 or out["patch_size"] > out["image_size"]:
         return None
