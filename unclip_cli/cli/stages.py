@@ -180,7 +180,7 @@ def slerp_cmd(
 
 @app.command("generate")
 def generate(
-    prompts: Annotated[list[str], typer.Argument(help="Prompt(s); several give out-0.png, out-1.png...")],
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompt(s); several give out-0.png, out-1.png...")] = None,
     size: Annotated[int, typer.Option("--size", help="Output size: 64, 256 or 1024.")] = 256,
     output: OutputOpt = None,
     model: ModelOpt = None,
@@ -193,6 +193,11 @@ def generate(
     upsampler_steps: Annotated[Optional[int], typer.Option(help="Steps of each upsampler.")] = None,
     upsampler_256_steps: Annotated[Optional[int], typer.Option("--upsampler-256-steps", help="Steps of the 64->256 upsampler (over --upsampler-steps).")] = None,
     upsampler_1024_steps: Annotated[Optional[int], typer.Option("--upsampler-1024-steps", help="Steps of the 256->1024 upsampler (over --upsampler-steps).")] = None,
+    prompts_file: Annotated[Optional[str], typer.Option("--prompts", help="A prompt file (one per line, or JSON lines with prompt and seed; '-': stdin): with --out-dir.")] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out-dir", help="With --prompts: the folder of images and manifest.jsonl (a rerun resumes).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="With --prompts: items per forward pass.")] = 1,
+    out_format: Annotated[str, typer.Option("--format", help="With --prompts: png (DIR/000000.png...) or tar (webdataset shards).")] = "png",
+    shard_size: Annotated[int, typer.Option("--shard-size", help="With --format tar: items per shard.")] = 1000,
     device: DeviceOpt = None,
     precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
@@ -209,11 +214,21 @@ def generate(
     for name, v in (("--prior-steps", prior_steps), ("--decoder-steps", decoder_steps), ("--upsampler-steps", upsampler_steps),
                     ("--upsampler-256-steps", upsampler_256_steps), ("--upsampler-1024-steps", upsampler_1024_steps)):
         check_min(name, v, 2)
+    ups = {"upsampler-256": upsampler_256_steps or upsampler_steps, "upsampler-1024": upsampler_1024_steps or upsampler_steps}
+    if prompts_file is not None or out_dir is not None:
+        from unclip_cli.cli.bulk import generate_from_file
+
+        if prompts_file is None or out_dir is None or prompts or output is not None:
+            raise UserError("--prompts FILE and --out-dir DIR go together, without PROMPT arguments or -o")
+        sampling = dict(prior_kind=prior_kind_opt, prior_steps=prior_steps, prior_guidance=prior_guidance,
+                        decoder_steps=decoder_steps, decoder_guidance=decoder_guidance, upsampler_steps=ups)
+        return generate_from_file(prompts_file, out_dir, fmt=out_format, batch_size=batch_size, shard_size=shard_size,
+                                  size=size, seed=seed, model=model, device=device, quiet=quiet, sampling=sampling,
+                                  load={"precision": precision})
     if not prompts:
-        raise UserError("no prompt given")
+        raise UserError("no prompt given (PROMPT arguments, or --prompts FILE with --out-dir)")
     target = stdout_target(output, len(prompts))
     pipe = open_pipeline(model, device, precision)
-    ups = {"upsampler-256": upsampler_256_steps or upsampler_steps, "upsampler-1024": upsampler_1024_steps or upsampler_steps}
     with progress(quiet) as cb:
         images = pipe.generate(
             prompts, size=size, seed=seed, prior_kind=prior_kind_opt, prior_steps=prior_steps, prior_guidance=prior_guidance,
