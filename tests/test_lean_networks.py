@@ -23,7 +23,10 @@ def _prior(dtype=torch.float32) -> DiffusionPrior:
     with torch.no_grad():
         prior.clip_mean.normal_()
         prior.clip_std.uniform_(0.5, 2.0)
-    return prior.to(dtype)
+    stats = prior.clip_mean.data, prior.clip_std.data
+    prior.to(dtype)
+    prior.clip_mean.data, prior.clip_std.data = stats  # the data statistics stay float32, as the model set loads them
+    return prior
 
 
 def _text(batch: int, seed: int = 1) -> TextCond:

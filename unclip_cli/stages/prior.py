@@ -29,8 +29,7 @@ def run_prior(
     guidance: a scale (the [uncond; cond] batch runs when it is not 1) or a `Guidance` that says
     whether it runs (`Guidance.diffusers_pair`, for Karlo parity).
     """
-    param = next(prior.parameters())
-    device, dtype = param.device, param.dtype
+    device, dtype = prior.x_proj.weight.device, prior.x_proj.weight.dtype  # the data statistics stay float32
     batch = len(cond)
     guidance = Guidance.of(guidance)
     batched = guidance.batched  # run the [uncond; cond] batch
