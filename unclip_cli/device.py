@@ -28,6 +28,20 @@ def resolve_device(option: str | None) -> torch.device:
     return device
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(option: str | None, device: torch.device) -> tuple[str, torch.dtype]:
+    """--precision (auto, fp32, bf16, fp16), else $UNCLIP_PRECISION, else auto: fp32 off CUDA (the exact
+    parity path), on CUDA bf16 where supported, else fp16. Returns (name, dtype) of the networks' weights."""
+    name = (option or os.environ.get("UNCLIP_PRECISION") or "auto").lower()
+    if name == "auto":
+        name = "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if name not in PRECISIONS:
+        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {name!r}")
+    return name, PRECISIONS[name]
+
+
 def make_generator(seed: int | None) -> tuple[torch.Generator, int]:
     """One CPU generator, so the same seed gives the same noise on any device; seed None draws a fresh
     one (returned, for the record)."""

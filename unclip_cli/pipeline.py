@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from unclip_cli import __version__, checks
-from unclip_cli.device import Generators, make_generator, resolve_device
+from unclip_cli.device import Generators, make_generator, resolve_device, resolve_precision
 from unclip_cli.diffusion.guidance import Guidance
 from unclip_cli.errors import UserError
 from unclip_cli.io import CARRY_KEY, RECORD_KEY, StageFile, exact_images_to_tensor, tensor_to_images
@@ -79,19 +79,23 @@ class Pipeline(EditMixin):
     image inverted, a batch cut to its first row); nothing here prints.
     """
 
-    def __init__(self, models: ModelSet, device: torch.device | str = "cpu", *, log: Callable[[str], None] | None = None):
+    def __init__(self, models: ModelSet, device: torch.device | str = "cpu", *, precision: str | None = None,
+                 log: Callable[[str], None] | None = None):
         self.models = models
         self.device = torch.device(device)
+        self.precision, self.dtype = resolve_precision(precision, self.device)  # the networks' weights, e.g. "bf16"
         self.log = log or (lambda message: None)
         self._identity: str | None = None
 
     @classmethod
     def load(cls, model: str | os.PathLike | ModelSet | None = None, *, device: str | torch.device | None = None,
-             log: Callable[[str], None] | None = None) -> "Pipeline":
+             precision: str | None = None, log: Callable[[str], None] | None = None) -> "Pipeline":
         """model: a model-set folder, or None for $UNCLIP_MODEL, else the shipped set; device: None picks
-        $UNCLIP_DEVICE, else cuda when present, else the CPU."""
+        $UNCLIP_DEVICE, else cuda when present, else the CPU; precision: the networks' weights, auto (None:
+        $UNCLIP_PRECISION, else auto), fp32, bf16 or fp16; auto is fp32 off CUDA, bf16 (fp16 where the GPU
+        lacks it) on CUDA. CLIP, the samplers' state and the random stream stay float32 at every precision."""
         ms = model if isinstance(model, ModelSet) else ModelSet.open(None if model is None else str(model))
-        return cls(ms, resolve_device(None if device is None else str(device)), log=log)
+        return cls(ms, resolve_device(None if device is None else str(device)), precision=precision, log=log)
 
     # ------------------------------------------------------------------ the set
 
@@ -100,8 +104,8 @@ class Pipeline(EditMixin):
         return self.models.name
 
     def net(self, component: str) -> torch.nn.Module:
-        """A component's network on this pipeline's device (loaded once)."""
-        return self.models.load(component, self.device)
+        """A component's network on this pipeline's device, in its precision (loaded once)."""
+        return self.models.load(component, self.device, self.dtype)
 
     def settings(self, component: str, **given) -> dict:
         """The set's sampling defaults for a component, with the given (non-None) values on top, checked:
@@ -133,7 +137,7 @@ class Pipeline(EditMixin):
         base = {
             "unclip_version": __version__, "model": self.name, "model_identity": self._identity,
             "model_dir": str(Path(self.models.path).resolve()), "clip": self.models.clip_identity,
-            "clip_dim": self.models.clip_dim,
+            "clip_dim": self.models.clip_dim, "precision": self.precision,
         }
         return {**base, **{k: v for k, v in fields.items() if v is not None}}
 

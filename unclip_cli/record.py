@@ -11,6 +11,7 @@ holding the record as a JSON object, readable by any PNG tool). Fields:
   size, prior_kind, prior_steps, prior_guidance, prior_candidates (and the AR prior's
   prior_temperature, prior_top_p, prior_similarity_percentile), decoder_steps, decoder_guidance,
   decoder_eta, upsampler_256_steps, upsampler_1024_steps
+  precision     the networks' weights (fp32, bf16, fp16) of the last stage that ran
 
 `command_line(record, output)` turns a record back into one shell line that makes the same pixels
 from scratch: the `unclip generate ...` line with its seed, or the pipe of stage commands.
@@ -70,6 +71,11 @@ def _model_args(record: dict) -> list[str]:
     return ["--model", record["model_dir"]] if record.get("model_dir") else []
 
 
+def _sampling_args(record: dict) -> list[str]:
+    """--model, and --precision for the commands that sample (auto would pick another on another device)."""
+    return _model_args(record) + _opt("--precision", record.get("precision"))
+
+
 def _batch_output(output: str, record: dict) -> str:
     """The -o a batch command needs so that this image lands at `output` (out-1.png -> out.png)."""
     index, prompts = record.get("index"), record.get("prompts") or []
@@ -105,7 +111,7 @@ def command_line(record: dict, output: str) -> str:
     out = ["-o", _batch_output(output, record)]
     if stages == ["generate"]:
         r = record
-        args = ["unclip", "generate", *r["prompts"], "--size", str(r["size"]), "--seed", str(r["seed"]), *model]
+        args = ["unclip", "generate", *r["prompts"], "--size", str(r["size"]), "--seed", str(r["seed"]), *_sampling_args(r)]
         args += ["--prior-kind", r["prior_kind"]] + _opt("--prior-steps", r.get("prior_steps"))
         args += _opt("--prior-guidance", r.get("prior_guidance"))
         args += _opt("--decoder-steps", r.get("decoder_steps")) + _opt("--decoder-guidance", r.get("decoder_guidance"))
@@ -117,16 +123,17 @@ def command_line(record: dict, output: str) -> str:
         return shlex.join(args + out)
     if stages[:2] != ["encode-text", "prior"] or any(s not in ("decode", "upsample") for s in stages[2:]):
         raise NotReproducible(f"its stages {' | '.join(stages)} are not a text-to-image run")
-    parts = [["unclip", "encode-text", *record["prompts"], *model], ["unclip", "prior", *_prior_args(record), *model]]
+    sampling = _sampling_args(record)
+    parts = [["unclip", "encode-text", *record["prompts"], *model], ["unclip", "prior", *_prior_args(record), *sampling]]
     for i, stage in enumerate(stages[2:]):
         if stage == "decode":
             r = record
             parts.append(["unclip", "decode", *_opt("--steps", r.get("decoder_steps")), *_opt("--guidance", r.get("decoder_guidance")),
-                          *_opt("--eta", r.get("decoder_eta")), *_opt("--seed", r.get("decoder_seed")), *model])
+                          *_opt("--eta", r.get("decoder_eta")), *_opt("--seed", r.get("decoder_seed")), *sampling])
         else:
             size = 256 if i == 1 else 1024
             parts.append(["unclip", "upsample", *_opt("--steps", record.get(f"upsampler_{size}_steps")),
-                          *_opt("--seed", record.get(f"upsampler_{size}_seed")), *model])
+                          *_opt("--seed", record.get(f"upsampler_{size}_seed")), *sampling])
     if len(parts) == 2:
         raise NotReproducible("it is an embedding, not an image")
     parts[-1] += out

@@ -71,6 +71,11 @@ OutputOpt = Annotated[
 DeviceOpt = Annotated[
     Optional[str], typer.Option("--device", help="torch device (default: $UNCLIP_DEVICE, else cuda if available, else cpu).")
 ]
+PrecisionOpt = Annotated[
+    Optional[str],
+    typer.Option("--precision", help="Network weights: auto, fp32, bf16 or fp16 (default: $UNCLIP_PRECISION, else auto: "
+                 "fp32 on the CPU, bf16 on CUDA, fp16 where the GPU lacks bf16)."),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed (default: a fresh one, recorded in the output).")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (default: the model set's).")]
@@ -114,11 +119,11 @@ def progress(quiet: bool) -> Iterator:
         yield callback
 
 
-def open_pipeline(model: str | None, device: str | None):
-    """The pipeline over --model on --device; its notes go to stderr."""
+def open_pipeline(model: str | None, device: str | None, precision: str | None = None):
+    """The pipeline over --model on --device at --precision; its notes go to stderr."""
     from unclip_cli.pipeline import Pipeline
 
-    return Pipeline.load(model, device=device, log=say)
+    return Pipeline.load(model, device=device, precision=precision, log=say)
 
 
 def first_record(images) -> dict:

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from unclip_cli.cli.common import (
-    DeviceOpt, GuidanceOpt, KindOpt, ModelOpt, OutputOpt, QuietOpt, SeedOpt, StepsOpt,
+    DeviceOpt, GuidanceOpt, KindOpt, ModelOpt, OutputOpt, PrecisionOpt, QuietOpt, SeedOpt, StepsOpt,
     app, check_min, first_record, open_pipeline, progress, report_seed, say,
 )
 from unclip_cli.errors import UserError
@@ -65,6 +65,7 @@ def invert_cmd(
     guidance: InvertGuidanceOpt = 1.0,
     refine: RefineOpt = 3,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """DDIM-invert images into latent files (z_i, x_T); `decode` of the latent gives the image back.
@@ -81,7 +82,7 @@ def invert_cmd(
         raise UserError("--refine must be >= 0")
     items = read_images(images)
     target = stdout_target(output)
-    pipe = open_pipeline(model, device)
+    pipe = open_pipeline(model, device, precision)
     names = [name for _, name in items]
     with progress(quiet) as cb:
         latent = pipe.invert([img for img, _ in items], names=names, steps=steps, guidance=guidance, refine=refine, callback=cb)
@@ -107,6 +108,7 @@ def vary_cmd(
     seed: SeedOpt = None,
     refine: RefineOpt = 3,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Variations of an image: DDIM with eta > 0 from its inverted latent (or from fresh noise).
@@ -120,7 +122,7 @@ def vary_cmd(
     if eta < 0:
         raise UserError("--eta must be >= 0")
     target = stdout_target(output, n)
-    pipe = open_pipeline(model, device)
+    pipe = open_pipeline(model, device, precision)
     with progress(quiet) as cb:
         images = pipe.vary(_item(source or "-"), n=n, eta=eta, fresh_noise=fresh_noise, steps=steps, guidance=guidance,
                            seed=seed, refine=refine, name=source or "<stdin>", callback=cb)
@@ -146,6 +148,7 @@ def interpolate(
     eta: Annotated[float, typer.Option(help="DDIM eta (0: only the latent changes across frames).")] = 0.0,
     refine: RefineOpt = 3,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Decode N frames along the slerp of z_i from A to B (the paper's interpolations).
@@ -172,7 +175,7 @@ def interpolate(
         for source, (item_kind, item) in zip((a, b), items):
             if item_kind == "stage":
                 refuse_bare_embedding(item, source)
-    pipe = open_pipeline(model, device)
+    pipe = open_pipeline(model, device, precision)
     with progress(quiet) as cb:
         images = pipe.interpolate(items[0][1], items[1][1], frames=frames, invert=invert, steps=steps, guidance=guidance,
                                   seed=seed, eta=eta, refine=refine, names=(a, b), callback=cb)
@@ -236,6 +239,7 @@ def text_diff_cmd(
     guidance: GuidanceOpt = None,
     refine: RefineOpt = 3,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Edit an image toward a caption: z_d = normalize(z_t(to) - z_t(from)), frames slerp(z_i, z_d, theta).
@@ -253,7 +257,7 @@ def text_diff_cmd(
     check_min("--steps", steps, 2)
     kind = frames_kind(output)
     target = stdout_target(output) if kind == "strip" else output
-    pipe = open_pipeline(model, device)
+    pipe = open_pipeline(model, device, precision)
     with progress(quiet) as cb:
         images = pipe.text_diff(_item(source or "-"), to_text=to_text, from_text=from_text, frames=frames, max_theta=max_theta,
                                 steps=steps, guidance=guidance, refine=refine, name=source or "<stdin>", callback=cb)
@@ -274,6 +278,7 @@ def mix_cmd(
     kind: KindOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """A weighted linear mix of image embeddings, as Kandinsky 2.2's `interpolate`: sum_k w_k z_k.
@@ -292,7 +297,7 @@ def mix_cmd(
     w = _parse_weights(weights, len(items))
     check_min("--steps", steps, 2)
     target = stdout_target(output)
-    pipe = open_pipeline(model, device)
+    pipe = open_pipeline(model, device, precision)
     inputs = [it if it.startswith("text:") else _item(it) for it in items]
     with progress(quiet) as cb:
         mixed = pipe.mix(inputs, w, kind=kind, steps=steps, guidance=guidance, seed=seed, names=items, callback=cb)
