@@ -192,8 +192,9 @@ def child_quality(a: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- the parent
 
 
-def build(scale: str, work: Path) -> None:
-    """Random Karlo-architecture weights -> WORK/snapshot (diffusers) -> WORK/set (unclip), once."""
+def build(scale: str, work: Path, dtype: str = "fp32") -> None:
+    """Random Karlo-architecture weights -> WORK/snapshot (diffusers) -> WORK/set (unclip), once; built and
+    saved in `dtype` (bf16 halves the memory a Karlo-size build needs)."""
     if (work / "set" / "model.json").exists():
         print(f"reusing {work}/snapshot and {work}/set", file=sys.stderr)
         return
@@ -202,9 +203,13 @@ def build(scale: str, work: Path) -> None:
 
     from unclip_cli.convert.diffusers import import_snapshot
 
+    import torch
+
     t = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16 if dtype == "bf16" else torch.float32)
     pipe = text_to_image_pipeline(build_components(bench_config(scale), work))
     pipe.save_pretrained(work / "snapshot")
+    torch.set_default_dtype(torch.float32)
     del pipe
     import_snapshot(work / "snapshot", work / "set")
     print(f"built and converted the {scale} weights in {time.perf_counter() - t:.1f} s", file=sys.stderr)
@@ -402,6 +407,7 @@ def main() -> None:
     ap.add_argument("--quality-timeout", type=int, default=900, help="seconds for each --quality run")
     ap.add_argument("--no-speed", action="store_true", help="skip the side-by-side runs (with --quality)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's peak rate (default: H200 bf16 dense)")
+    ap.add_argument("--weights-dtype", choices=("fp32", "bf16"), default="fp32", help="the random weights' dtype")
     ap.add_argument("--work", help="folder for the snapshot and set (kept; reused when present)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="torch threads of both sides' children (default: torch's choice)")
@@ -428,7 +434,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        build(a.scale, work)
+        build(a.scale, work, a.weights_dtype)
         print(machine_line(device))
         if not a.no_speed:
             print(speed_table(a, device, work, [int(b) for b in a.batches.split(",")]))
