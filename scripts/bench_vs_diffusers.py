@@ -30,6 +30,7 @@ PSNR over [-1, 1] and the largest difference.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -211,6 +212,7 @@ def build(scale: str, work: Path, dtype: str = "fp32") -> None:
     pipe.save_pretrained(work / "snapshot")
     torch.set_default_dtype(torch.float32)
     del pipe
+    gc.collect()  # the networks hold reference cycles: free them before the conversion
     import_snapshot(work / "snapshot", work / "set")
     print(f"built and converted the {scale} weights in {time.perf_counter() - t:.1f} s", file=sys.stderr)
 
