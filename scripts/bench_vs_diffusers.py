@@ -1,7 +1,7 @@
 """Benchmark: unclip against diffusers' UnCLIPPipeline on random Karlo-architecture weights, side by side.
 
     python scripts/bench_vs_diffusers.py [--scale small|karlo] [--batches 1,8] [--device cpu|cuda]
-                                         [--repeats N] [--steps N] [--quality] [--work DIR]
+                                         [--repeats N] [--threads N] [--steps N] [--quality] [--work DIR]
 
 One command. The parent builds random weights in memory with diffusers / transformers
 (tests/helpers_karlo.py: `--scale karlo` is Karlo v1 alpha's real configs, 3.4 B parameters, for a
@@ -19,10 +19,10 @@ Both use the same steps (prior 25, decoder 25, super-res 7; `--steps N` sets all
 memory (RSS, VmHWM; on CUDA torch.cuda.max_memory_allocated) as JSON; the parent measures the
 whole-process wall time (median of `--repeats`), and counts each network's FLOPs on one step with
 torch.utils.flop_counter.FlopCounterMode (on the meta device: nothing computed) to give the UNets'
-math rate, and on CUDA their share of `--peak-tflops` (default 989: H200 bf16 dense). "CPU s": the
-child's user + system time, the fairer figure on a machine shared with other work (with `--threads 1`
-no thread spins waiting for a descheduled sibling). "same pixels": the
-share of uint8 values of unclip's PNGs equal to diffusers' (on the CPU both run fp32: the same maths).
+math rate, and on CUDA their share of `--peak-tflops` (default 989: H200 bf16 dense).
+"CPU s": the child's user + system time, the steadier figure on a machine shared with other work
+(with `--threads 1` no thread spins waiting for a descheduled sibling). "same pixels": the share of
+uint8 values of unclip's PNGs equal to diffusers' (on the CPU both run fp32: the same maths).
 `--quality`: unclip's images at bf16 and fp16 against fp32 (same seed, batch 1, fresh process each):
 PSNR over [-1, 1] and the largest difference.
 """
@@ -196,7 +196,10 @@ def child_quality(a: argparse.Namespace) -> dict:
 def build(scale: str, work: Path, dtype: str = "fp32") -> None:
     """Random Karlo-architecture weights -> WORK/snapshot (diffusers) -> WORK/set (unclip), once; built and
     saved in `dtype` (bf16 halves the memory a Karlo-size build needs)."""
+    made = {"scale": scale, "dtype": dtype}
     if (work / "set" / "model.json").exists():
+        if json.loads((work / "made.json").read_text()) != made:
+            sys.exit(f"{work} holds weights made with {(work / 'made.json').read_text().strip()}, not {json.dumps(made)}")
         print(f"reusing {work}/snapshot and {work}/set", file=sys.stderr)
         return
     sys.path.insert(0, str(HERE.parent / "tests"))
@@ -214,6 +217,7 @@ def build(scale: str, work: Path, dtype: str = "fp32") -> None:
     del pipe
     gc.collect()  # the networks hold reference cycles: free them before the conversion
     import_snapshot(work / "snapshot", work / "set")
+    (work / "made.json").write_text(json.dumps(made))
     print(f"built and converted the {scale} weights in {time.perf_counter() - t:.1f} s", file=sys.stderr)
 
 
