@@ -2,7 +2,7 @@
 before the meta-device loading), side by side in alternating fresh processes.
 
     git worktree add /tmp/base 3e350f3~1
-    python scripts/bench_loading.py --old /tmp/base [--scale karlo|small] [--rounds 2] [--dtype float32|bfloat16]
+    python scripts/bench_loading.py [--old /tmp/base] [--scale karlo|wide|small] [--rounds 2] [--dtype float32|bfloat16]
 
 The weights (Karlo v1 alpha's decoder: 0.9 B parameters, 3.6 GB in float32; `--scale small`: the
 same layout, narrow) are random and written once, tensor by tensor, to a temporary folder deleted at
@@ -48,9 +48,10 @@ ms.load_config("decoder")
 dtype = getattr(torch, sys.argv[2])
 open("/proc/self/clear_refs", "w").write("5")
 base, t = status("VmRSS"), time.perf_counter()
-net = ms.load("decoder", "cpu", dtype) if dtype != torch.float32 else ms.load("decoder")
-if dtype != torch.float32 and next(net.parameters()).dtype != dtype:  # a tree without precision: cast after
-    net = net.to(dtype)
+try:
+    net = ms.load("decoder", "cpu", dtype)
+except TypeError:  # a tree without precision: load, then cast
+    net = ms.load("decoder").to(dtype)
 seconds = time.perf_counter() - t
 print(json.dumps({"seconds": seconds, "peak_mib": (status("VmHWM") - base) / 1024,
                   "params": sum(p.numel() for p in net.parameters())}))
@@ -86,19 +87,24 @@ def write_weights(folder: Path, cfg: dict) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--old", required=True, help="a checkout of the tree to compare with (git worktree add ...)")
-    ap.add_argument("--scale", choices=("karlo", "small"), default="karlo")
+    ap.add_argument("--old", help="a checkout of the tree to compare with (git worktree add ...); none: this tree alone")
+    ap.add_argument("--scale", choices=("karlo", "wide", "small"), default="karlo",
+                    help="karlo: 0.9 B parameters; wide: Karlo's layout at 0.6x its widths (0.33 B, for a machine "
+                         "without 11 GB free for the old load); small: 0.03 B")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the old tree casts after loading)")
     a = ap.parse_args()
     cfg = json.loads(json.dumps(KARLO_DECODER))
+    if a.scale == "wide":
+        cfg["unet"].update(channels=[192, 384, 576, 768], context_dim=960, time_embed_dim=768)
     if a.scale == "small":
         cfg["unet"].update(channels=[64, 128, 192, 256], context_dim=64, time_embed_dim=128)
         cfg.update(clip_embed_dim=64, text_width=64)
     work = Path(tempfile.mkdtemp(prefix="bench-loading-"))
     try:
         nbytes = write_weights(work / "decoder", cfg)
-        trees = {"old": Path(a.old).resolve(), "new": Path(__file__).resolve().parents[1]}
+        trees = {"old": Path(a.old).resolve()} if a.old else {}
+        trees["new"] = Path(__file__).resolve().parents[1]
         results = {name: [] for name in trees}
         for _ in range(a.rounds):
             for name, tree in trees.items():
@@ -116,7 +122,8 @@ def main() -> None:
             peak = sorted(r["peak_mib"] for r in runs)[len(runs) // 2]
             med[name] = (secs, peak)
             print(f"{name:<6}{secs:>9.2f}{peak:>15.0f}{peak / (nbytes / 2**20):>13.2f}")
-        print(f"new / old: load time {med['new'][0] / med['old'][0]:.2f}x, peak RSS {med['new'][1] / med['old'][1]:.2f}x")
+        if "old" in med:
+            print(f"new / old: load time {med['new'][0] / med['old'][0]:.2f}x, peak RSS {med['new'][1] / med['old'][1]:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
