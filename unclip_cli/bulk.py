@@ -291,8 +291,8 @@ def generate_bulk(
     load: dict | None = None, log: Callable[[str], None] | None = None, progress: ProgressFn | None = None,
 ) -> dict:
     """Run a prompt file (see the module's docstring) on this process's share of the items; under
-    torchrun every rank calls this. log and progress are called on rank 0 only. Returns counts:
-    {"items", "generated", "seed"} (all ranks)."""
+    torchrun every rank calls this. log and progress are called on rank 0 only. Returns, on every
+    rank, {"items", "generated" (made by this run, all ranks), "seed", "rank"}."""
     if opts.format not in FORMATS:
         raise UserError(f"--format must be png or tar, got {opts.format!r}")
     for name, v in (("--batch-size", opts.batch_size), ("--shard-size", opts.shard_size)):
@@ -346,5 +346,4 @@ def _generate(lines, name, opts, d, dev, model, load, log, progress) -> dict:
     barrier(d)
     if d.main:
         _merge_manifest(out)
-    say(f"{total} items in {show(out)}: {generated} made now, {total - generated} already there; see {MANIFEST_NAME}")
-    return {"items": total, "generated": generated, "seed": seed}
+    return {"items": total, "generated": generated, "seed": seed, "rank": d.rank}

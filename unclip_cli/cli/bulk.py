@@ -43,8 +43,12 @@ def generate_from_file(
 ) -> None:
     """Run `generate --prompts FILE --out-dir DIR` (see bulk.py); under torchrun on every rank."""
     from unclip_cli.bulk import BulkOptions, generate_bulk
+    from unclip_cli.io import show
 
     opts = BulkOptions(out_dir=out_dir, format=fmt, batch_size=batch_size, shard_size=shard_size, size=size, seed=seed,
                        sampling=sampling)
     with item_progress(quiet) as progress:
-        generate_bulk(prompts, opts, model=model, device=device, load=load, log=say, progress=progress)
+        done = generate_bulk(prompts, opts, model=model, device=device, load=load, log=say, progress=progress)
+    if done["rank"] == 0:
+        made, total = done["generated"], done["items"]
+        say(f"{total} items in {show(out_dir)}: {made} made now, {total - made} already there; see manifest.jsonl")
