@@ -46,6 +46,22 @@ def prompt_file(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_set, tmp_path_factory) -> tuple[Path, Path]:
+    """(PROMPTS' file, the folder one process makes of it at batch size 1), made once for the tests that read it."""
+    from typer.testing import CliRunner
+
+    from unclip_cli.cli import app
+
+    root = tmp_path_factory.mktemp("reference")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = ["generate", "--prompts", prompts, "--out-dir", root / "one", "--model", tiny_set, "--seed", "3", *SAMPLING]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.stderr
+    return prompts, root / "one"
+
+
 def bulk(cli, model, prompts, out, *args):
     return cli("generate", "--prompts", prompts, "--out-dir", out, "--model", model, "--seed", "3", *SAMPLING, *args)
 
@@ -70,9 +86,8 @@ def torchrun(model, prompts, out, *args, nproc: int = 2):
 # ---------------------------------------------------------------------- one process, ranks, batches
 
 
-def test_items_their_seeds_and_the_manifest(cli, tiny_set, prompt_file, tmp_path):
-    out = tmp_path / "one"
-    ok(bulk(cli, tiny_set, prompt_file, out))
+def test_items_their_seeds_and_the_manifest(cli, tiny_set, reference, tmp_path):
+    out = reference[1]
     indices = [i for i, p in enumerate(PROMPTS) if p]  # an item's index is its line number; blank lines make none
     assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in indices]
     lines = manifest(out)
@@ -91,10 +106,9 @@ def test_items_their_seeds_and_the_manifest(cli, tiny_set, prompt_file, tmp_path
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_two_torchrun_ranks_make_the_images_of_one_process(cli, tiny_set, prompt_file, tmp_path, batch):
-    one, two = tmp_path / "one", tmp_path / "two"
-    ok(bulk(cli, tiny_set, prompt_file, one))
-    torchrun(tiny_set, prompt_file, two, "--batch-size", batch)
+def test_two_torchrun_ranks_make_the_images_of_one_process(tiny_set, reference, tmp_path, batch):
+    (prompts, one), two = reference, tmp_path / "two"
+    torchrun(tiny_set, prompts, two, "--batch-size", batch)
     names = sorted(p.name for p in one.glob("*.png"))
     assert sorted(p.name for p in two.glob("*.png")) == names and len(names) == 6
     for name in names:
@@ -106,9 +120,9 @@ def test_two_torchrun_ranks_make_the_images_of_one_process(cli, tiny_set, prompt
 # ---------------------------------------------------------------------- resume
 
 
-def test_deleted_outputs_and_only_those_are_made_again(cli, tiny_set, prompt_file, tmp_path):
-    out = tmp_path / "out"
-    ok(bulk(cli, tiny_set, prompt_file, out))
+def test_deleted_outputs_and_only_those_are_made_again(cli, tiny_set, reference, tmp_path):
+    prompt_file, out = reference[0], tmp_path / "out"
+    shutil.copytree(reference[1], out)
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in out.glob("*.png")}
     lines = manifest(out)
     for name in ("000001.png", "000005.png"):
