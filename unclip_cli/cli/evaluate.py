@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from unclip_cli.cli.common import _Group, DeviceOpt, ModelOpt, QuietOpt, app, check_min, open_pipeline, progress
+from unclip_cli.cli.common import (
+    _Group, DeviceOpt, ModelOpt, PrecisionOpt, QuietOpt, app, check_min, open_pipeline, progress,
+)
 from unclip_cli.errors import UserError
 
 eval_app = typer.Typer(cls=_Group, invoke_without_command=True)
@@ -31,6 +33,7 @@ def evaluate(
     judge_dir: JudgeOpt = None,
     prior_kind: Annotated[Optional[str], typer.Option("--prior-kind", help="diffusion or ar (default: the set's prior_kind, else diffusion).")] = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Score a model set on shapes prompts, judged without CLIP.
@@ -55,7 +58,7 @@ def evaluate(
     from unclip_cli.pipeline import PRIOR_KINDS
 
     judge = Judge.load(judge_dir)
-    pipe = open_pipeline(model, device)
+    pipe = open_pipeline(model, device, precision)
     for component in ("clip", PRIOR_KINDS[pipe.prior_kind(prior_kind)], "decoder"):
         pipe.models.require(component)
     saved: dict[str, bytes] = {}  # written all at once at the end: a failed run leaves no images
