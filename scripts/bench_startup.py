@@ -12,6 +12,11 @@ and what they cost (self times from one `python -X importtime` run).
 
 --tree runs another checkout's `unclip_cli` (e.g. a `git worktree` of an older commit) for a
 side-by-side comparison: give it once per tree; rows are then per tree.
+
+--to-first-step times start-up proper: each command exits (os._exit) where its first sampling loop
+(or DDIM inversion) would begin, after its imports, model loading and input reading, against
+`import torch; os._exit(0)` (the same exit, without interpreter teardown); commands that do not
+sample (encode-text, encode-image, info) run whole.
 """
 
 from __future__ import annotations
@@ -29,6 +34,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large red star on a blue background"
 BASELINE = "import torch"
+FIRST_STEP_BASELINE = "import torch, os; os._exit(0)"
+# `python -c FIRST_STEP ARGS...`: the CLI, stopped where the first sampling loop would start
+FIRST_STEP = """
+import os, sys
+from unclip_cli.diffusion import inversion, samplers
+def _stop(*args, **kwargs):
+    os._exit(0)
+samplers.sample_ancestral = samplers.sample_ddim = inversion.ddim_invert_exact = _stop
+from unclip_cli.cli import app
+app(sys.argv[1:])
+"""
 
 
 def commands(work: Path) -> dict[str, list[str]]:
@@ -112,7 +128,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="command names to run (default: all)")
     ap.add_argument("--tree", action="append", type=Path, help="checkout whose unclip_cli runs (default: this one)")
     ap.add_argument("--importtime", action="store_true", help="also list each command's imports beyond torch's")
+    ap.add_argument("--to-first-step", action="store_true", help="stop each command where its first sampling loop starts")
     args = ap.parse_args()
+    baseline = FIRST_STEP_BASELINE if args.to_first_step else BASELINE
+    launch = ["-c", FIRST_STEP] if args.to_first_step else ["-m", "unclip_cli"]
     trees = [t.resolve() for t in (args.tree or [ROOT])]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -123,12 +142,12 @@ def main() -> None:
         for r in range(args.rounds):
             for name, argv in cmds.items():
                 for tree in trees:
-                    base.append(_run([sys.executable, "-c", BASELINE], _env(tree, args.model), work))
-                    times[tree, name].append(_run([sys.executable, "-m", "unclip_cli", *argv], _env(tree, args.model), work))
+                    base.append(_run([sys.executable, "-c", baseline], _env(tree, args.model), work))
+                    times[tree, name].append(_run([sys.executable, *launch, *argv], _env(tree, args.model), work))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
         wall, cpu = (statistics.median(b[i] for b in base) for i in (0, 1))
         print(f"{'command':<14}{'tree':<12}{'wall s':>8}{'x torch':>9}{'CPU s':>8}{'x torch':>9}")
-        print(f"{'import torch':<26}{wall:>8.2f}{1:>9.2f}{cpu:>8.2f}{1:>9.2f}")
+        print(f"{'import torch':<26}{wall:>8.2f}{1:>9.2f}{cpu:>8.2f}{1:>9.2f}" + ("  (then os._exit)" if args.to_first_step else ""))
         for name in cmds:
             for tree in trees:
                 w, c = (statistics.median(t[i] for t in times[tree, name]) for i in (0, 1))
