@@ -43,9 +43,8 @@ def test_load_gives_the_file_s_tensors_without_drawing_random_numbers(tiny_set, 
     assert not net.training and ms.load(component) is net  # cached
 
 
-@pytest.mark.parametrize("component", ["prior", "prior-ar"])
-def test_causal_masks_are_materialized_after_a_meta_build(tiny_set, component):
-    net = ModelSet.open(str(tiny_set)).load(component)
+def test_causal_masks_are_materialized_after_a_meta_build(tiny_set):
+    net = ModelSet.open(str(tiny_set)).load("prior")  # the AR prior makes its mask per call
     T = net.causal_mask.shape[0]
     assert torch.equal(net.causal_mask, torch.full((T, T), MASK_VALUE).triu_(1))
 
@@ -113,12 +112,12 @@ from unclip_cli.modelset import ModelSet
 def status(key):  # KiB
     return next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith(key))
 
-ms = ModelSet.open(sys.argv[1])
-ms.load_config("decoder")
+ms, component = ModelSet.open(sys.argv[1]), sys.argv[2]
+ms.load_config(component)
 open("/proc/self/clear_refs", "w").write("5")  # peak RSS := RSS now (ru_maxrss would hold the forking parent's)
 base, t = status("VmRSS"), time.perf_counter()
 try:
-    ms.load("decoder")
+    ms.load(component)
     error = None
 except UserError as e:
     error = str(e)
@@ -128,8 +127,8 @@ print(json.dumps({"error": error, "seconds": seconds, "grown_mib": grown / 1024,
 """
 
 
-def _probe(model: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(model)], capture_output=True, text=True, timeout=600)
+def _probe(model: Path, component: str = "decoder") -> dict:
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(model), component], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -152,6 +151,20 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_allocating(cli, 
     run = cli("decode", "-q", "-o", tmp_path / "x.png", "--model", model, "-", stdin=_embedding(tiny_set))
     assert run.code == 1 and run.err.count("\n") == 1 and "weights do not fit" in run.err, run
     assert not (tmp_path / "x.png").exists()
+
+
+def test_an_ar_prior_config_of_a_huge_embedding_is_refused_before_allocating(tiny_set, tmp_path):
+    """The AR prior's longest sequence is L + 2 + embed_dim tokens: with embed_dim 40,000 its causal mask
+    alone would be 6.4 GB if it were built with the network (it is made per call, at the call's length)."""
+    model = tmp_path / "huge-ar"
+    shutil.copytree(tiny_set, model)
+    path = model / "prior-ar" / "config.json"
+    data = json.loads(path.read_text())
+    data["embed_dim"] = 40000
+    path.write_text(json.dumps(data))
+    found = _probe(model, "prior-ar")
+    assert found["error"] and "weights do not fit its config" in found["error"], found
+    assert found["seconds"] < 1.0 and found["grown_mib"] < 100 and not found["dynamo"], found
 
 
 def _embedding(tiny_set: Path) -> bytes:

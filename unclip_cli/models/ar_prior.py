@@ -53,8 +53,6 @@ class ARPrior(nn.Module):
         self.bucket_edges = _frozen(D, cfg.num_buckets - 1)  # per coordinate (rows >= K unused)
         self.bucket_centres = _frozen(D, cfg.num_buckets)
         self.sim_edges = _frozen(cfg.num_sim_buckets - 1)
-        causal = torch.full((L + PREFIX_EXTRA + D,) * 2, MASK_VALUE, device="cpu").triu_(1)  # real in a meta build
-        self.register_buffer("causal_mask", causal, persistent=False)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -157,7 +155,9 @@ class ARPrior(nn.Module):
         T = tokens.shape[1]
         h = tokens + self.pos_embed[:, :T]
         pad = F.pad(self._text_pad(text_mask, h.dtype), (0, T - L), value=0.0)  # (B, T)
-        mask = (pad[:, None, :] + self.causal_mask[:T, :T].to(h.dtype))[:, None]  # (B, 1, T, T)
+        causal = torch.full((T, T), MASK_VALUE, device=h.device).triu_(1).to(h.dtype)  # (T, T), made per call:
+        # a buffer of the longest sequence, (L + 2 + D)^2, would be allocated even in a shapes-only build
+        mask = (pad[:, None, :] + causal)[:, None]  # (B, 1, T, T)
         for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
             h = block(h, mask, cache)
         h = self.ln_f(h[:, L + PREFIX_EXTRA - 1 :])  # from the similarity token on: (B, n + 1, C)
