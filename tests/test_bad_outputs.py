@@ -200,3 +200,11 @@ def test_input_path_with_control_characters_is_quoted_in_its_message(cli, tiny_s
     run = cli("decode", bad, "-m", tiny_set, "-q", "-o", tmp_path / "x.png")
     assert_user_error(run, mentions="a\\nb.safetensors")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_an_unreadable_image_message_names_no_memory_address(cli, tiny_set, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"GIF89a" + b"\x00" * 20)  # looks like an image to the readers, is none
+    run = cli("encode-image", bad, "-m", tiny_set, "-o", tmp_path / "e.npy")
+    assert_user_error(run, mentions="bad.png: not a readable image")
+    assert "0x" not in run.err and "BytesIO" not in run.err

@@ -327,7 +327,9 @@ def decode_image(data: bytes, name: str) -> Image.Image:
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(f"{name}: image larger than {limit} pixels (set ${validate.MAX_PIXELS_VAR} to allow more)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+    except UnidentifiedImageError:
+        raise UserError(f"{name}: not a readable image (unknown image format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise UserError(f"{name}: not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return img.convert("RGB")
 
