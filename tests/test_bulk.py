@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from test_cli import ok, user_error
 from unclip_cli.bulk import item_seed
 
 PYTHON = sys.executable
@@ -25,18 +26,6 @@ PROMPTS = ["a red circle", "a blue square on green", "", "two yellow stars", "a 
 # 8 decoder steps: batched float32 maths differ from a row alone in the last bits, which the first steps
 # amplify (see tests/test_sampling_loop.py); by 8 steps that is under half a uint8 level on the tiny set
 SAMPLING = ["--size", "64", "--prior-steps", "2", "--decoder-steps", "8", "-q"]
-
-
-def ok(run):
-    assert run.code == 0, run
-    return run
-
-
-def user_error(run, mentions: str):
-    assert run.code == 1, run
-    lines = [ln for ln in run.err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("unclip: error:") and mentions in lines[0], run.err
-    return lines[0]
 
 
 @pytest.fixture

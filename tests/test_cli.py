@@ -21,6 +21,14 @@ def ok(run):
     return run
 
 
+def user_error(run, mentions: str) -> str:
+    """A user error: exit status 1 and one stderr line that mentions `mentions`; returns the line."""
+    assert run.code == 1, run
+    lines = [ln for ln in run.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("unclip: error:") and mentions in lines[0], run.err
+    return lines[0]
+
+
 def assert_user_error(run, *, mentions: str | None = None):
     assert run.code != 0, run
     lines = [ln for ln in run.err.splitlines() if ln.strip()]

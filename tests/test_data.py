@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from test_cli import ok, user_error
 from unclip_cli.data.cache import EmbeddingCache, build_embedding_cache
 from unclip_cli.data.shapes import (
     COLORS, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, palette_value, parse_caption, render, sample_scene,
@@ -34,17 +35,6 @@ def scenes(n: int, seed: int = 0) -> list[Scene]:
 def rgb(x: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as PNGs store it."""
     return np.stack([np.asarray(im) for im in tensor_to_images(x)])
-
-
-def ok(run):
-    assert run.code == 0, run
-    return run
-
-
-def user_error(run, mentions: str):
-    assert run.code == 1, run
-    lines = [ln for ln in run.err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("unclip: error:") and mentions in lines[0], run.err
 
 
 # ---------------------------------------------------------------------- grammar
