@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from unclip_cli.device import make_generator
+from unclip_cli.device import make_generator, make_generators
 from unclip_cli.distributed import Dist, barrier, from_rank0, setup_distributed, shutdown, sum_over_ranks
 from unclip_cli.errors import UserError
 from unclip_cli.io import RECORD_KEY, atomic_file, atomic_write, png_bytes, read_json_object, show, tensor_to_images
@@ -139,8 +139,7 @@ def resolved_settings(pipe: Pipeline, size: int, sampling: dict) -> dict:
     decoder = pipe.settings("decoder", steps=sampling.get("decoder_steps"), guidance=sampling.get("decoder_guidance"))
     out = {"size": size, "prior_kind": kind, **{f"prior_{k}": v for k, v in prior.items()}, "prior_candidates": 1,
            "decoder_steps": decoder["steps"], "decoder_guidance": decoder["guidance"]}
-    if "precision" in pipe.record():  # the networks' weights (fp32, bf16...): part of what makes the pixels
-        out["precision"] = pipe.record()["precision"]
+    out["precision"] = pipe.precision  # the networks' weights (fp32, bf16...): part of what makes the pixels
     ups = sampling.get("upsampler_steps") or {}
     for low, component in UPSAMPLERS.items():
         if size > low:
@@ -187,7 +186,7 @@ class _Writer:
 
     def images(self, items: list[Item]) -> list[bytes]:
         """PNG bytes of a batch of items, each from its own generator, with its own record."""
-        generators = [make_generator(it.seed)[0] for it in items]
+        generators = make_generators([it.seed for it in items])
         x, used = self.pipe.generate_tensor([it.prompt for it in items], generators, size=self.opts.size, **self.opts.sampling)
         out = []
         for it, img in zip(items, tensor_to_images(x)):
